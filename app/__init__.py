@@ -1,0 +1,41 @@
+"""The application factory."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from . import auth, errors
+from . import redis as redis_ext
+from .config import load_settings
+from .store import Store
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app: settings from the environment, overridden by `config` (tests)."""
+    app = Flask(__name__)
+    settings = load_settings()
+    settings.update(config or {})
+    app.config.update(settings)
+    # Every JSON body the API takes is capped; Werkzeug answers 413 past it, even when chunked.
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_EVENT_BYTES"]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+
+    redis_ext.init_app(app)
+    app.extensions["store"] = Store(
+        redis_ext.get_redis(app),
+        retention=app.config["EVENT_RETENTION"],
+        idempotency_ttl=app.config["IDEMPOTENCY_TTL_SECONDS"],
+    )
+    errors.init_app(app)
+    auth.init_app(app)
+
+    from .api import conversations, events, health, sse
+    for module in (conversations, events, sse, health):
+        app.register_blueprint(module.bp)
+
+    from .cli import keys
+    app.cli.add_command(keys)
+    return app

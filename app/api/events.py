@@ -1,0 +1,39 @@
+"""A conversation's events: post an action, list what is stored."""
+from __future__ import annotations
+
+from flask import Blueprint, Response, request
+
+from .. import validation
+from ..auth import current_caller
+from . import get_store, json_body
+
+bp = Blueprint("events", __name__, url_prefix="/api/conversations")
+
+LIST_DEFAULT = 100
+LIST_MAX = 1000
+
+
+@bp.post("/<cid>/events")
+def post_event(cid: str) -> Response:
+    """Append the caller's action as a `user` event; an Idempotency-Key retry adds nothing."""
+    caller = current_caller()
+    idem = validation.idempotency_key(request.headers.get("Idempotency-Key"))
+    body, raw = json_body()
+    fields = validation.action(body)
+    event_id, _replayed = get_store().append_event(
+        caller.user_id, cid, fields, source="user",
+        idempotency=(idem, validation.body_digest(raw)) if idem else None,
+    )
+    return Response(b'{"status":"ok","success":true,"event_id":%d}' % event_id, mimetype="application/json")
+
+
+@bp.get("/<cid>/events")
+def list_events(cid: str) -> Response:
+    """Stored events from `start_id` on, `limit` at a time."""
+    caller = current_caller()
+    start_id = validation.parse_int("start_id", request.args.get("start_id"), default=0, minimum=0)
+    limit = validation.parse_int("limit", request.args.get("limit"), default=LIST_DEFAULT, minimum=1, maximum=LIST_MAX)
+    events, has_more = get_store().list_events(caller.user_id, cid, start_id, limit)
+    # The stored JSON goes out as it is: no decode and re-encode per event.
+    body = b'{"events":[' + b",".join(events) + b'],"has_more":' + (b"true" if has_more else b"false") + b"}"
+    return Response(body, mimetype="application/json")

@@ -1,0 +1,25 @@
+"""Liveness for load balancers and ops: does this worker reach Redis, how many streams it holds."""
+from __future__ import annotations
+
+import os
+
+from flask import Blueprint, Response, current_app
+
+from ..errors import json_response
+from . import get_store
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """200 with this worker's stream counts when Redis answers (503 otherwise, via the handler)."""
+    get_store().redis.ping()
+    hub = current_app.extensions.get("hub")
+    alive = hub is not None and hub.pid == os.getpid()
+    return json_response({
+        "status": "ok",
+        "worker_pid": os.getpid(),
+        "streams": hub.stream_count if alive else 0,
+        "conversations": len(hub.conversations) if alive else 0,
+    })

@@ -1,0 +1,75 @@
+"""The live event stream of a conversation (Server-Sent Events)."""
+from __future__ import annotations
+
+import os
+import secrets
+import time
+
+from flask import Blueprint, Response, current_app, request
+
+from .. import sse, validation
+from ..auth import current_caller
+from ..errors import NotFound, ServiceUnavailable, TooManyRequests
+from ..hub import Hub, HubUnavailable, Subscriber, gevent_ready
+from ..store import Store
+from . import get_store
+
+bp = Blueprint("sse", __name__, url_prefix="/api/sse")
+
+
+def get_hub() -> Hub:
+    """The worker's hub, started on the first stream (never at import, never before a fork)."""
+    if not gevent_ready():
+        raise ServiceUnavailable(
+            "event streams need gunicorn's gevent worker (sockets are not patched)", code="streaming_unavailable"
+        )
+    app = current_app
+    hub = app.extensions.get("hub")
+    if hub is None or hub.pid != os.getpid():
+        hub = app.extensions["hub"] = Hub(
+            app.config["REDIS_URL"],
+            get_store(),
+            queue_max=app.config["SSE_QUEUE_MAX"],
+            stream_cap=app.config["SSE_MAX_STREAMS_PER_USER"],
+        )
+    return hub
+
+
+def _acquire_slot(store: Store, user_id: str, connection_id: str) -> None:
+    cap = current_app.config["SSE_MAX_STREAMS_PER_USER"]
+    if cap and not store.acquire_stream(user_id, connection_id, cap, time.time(), 30.0):
+        raise TooManyRequests(f"at most {cap} streams may be open per user", headers={"Retry-After": "5"})
+
+
+@bp.get("/conversations/<cid>/events")
+def stream_events(cid: str) -> Response:
+    """Every event after the client's last one, then each new one as it is written."""
+    caller = current_caller()
+    config = current_app.config
+    latest = validation.resume_point(request.headers.get("Last-Event-ID"), request.args.get("latest_event_id"))
+    providers = validation.providers_set(request.args.get("providers_set"), config["PROVIDERS"])
+    hub = get_hub()
+    store = get_store()
+    if store.conversation_owner(cid) != caller.user_id:
+        raise NotFound("no such conversation")
+    connection_id = secrets.token_urlsafe(12)
+    _acquire_slot(store, caller.user_id, connection_id)
+    sub = Subscriber(cid, caller.user_id, caller.key_id, connection_id if config["SSE_MAX_STREAMS_PER_USER"] else "",
+                     latest, request.environ.get("gunicorn.socket"))
+    try:
+        hub.subscribe(sub)
+    except HubUnavailable as err:
+        raise ServiceUnavailable(str(err), headers={"Retry-After": "1"}) from None
+    opening = sse.retry_frame(config["SSE_RETRY_MS"]) + sse.named_event("connection", {
+        "type": "connection_established",
+        "connection_id": connection_id,
+        "conversation_id": cid,
+        "latest_event_id": latest,
+        "providers_set": providers,
+    })
+    body = sse.stream(hub, store, sub, opening, config["SSE_HEARTBEAT_SECONDS"])
+    return Response(body, headers={
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })

@@ -1,0 +1,68 @@
+"""Flask commands: API keys (create, list, revoke)."""
+from __future__ import annotations
+
+import click
+import redis
+from flask import current_app
+from flask.cli import with_appcontext
+
+from .auth import split_key
+from .config import redacted_url
+from .store import Store
+from .validation import USER_ID
+
+
+def _store() -> Store:
+    store: Store = current_app.extensions["store"]
+    try:
+        store.redis.ping()
+    except redis.RedisError as err:
+        url = redacted_url(current_app.config["REDIS_URL"])
+        raise click.ClickException(
+            f"cannot reach Redis at {url} ({type(err).__name__}). Start the service first "
+            "(python3 run.py), or set REDIS_URL to your Redis."
+        ) from None
+    return store
+
+
+@click.group()
+def keys() -> None:
+    """Manage API keys."""
+
+
+@keys.command("create")
+@click.argument("user_id")
+@with_appcontext
+def create_key(user_id: str) -> None:
+    """Create an API key for USER_ID and print it (alone on the last line)."""
+    if not USER_ID.fullmatch(user_id):
+        raise click.BadParameter("1 to 64 characters of A-Z a-z 0-9 _ . @ -", param_hint="USER_ID")
+    key_id, key = _store().create_api_key(user_id)
+    click.echo(f"Created API key {key_id} for user {user_id}. It is shown only now; keep it secret:")
+    click.echo(key)
+
+
+@keys.command("list")
+@click.argument("user_id")
+@with_appcontext
+def list_keys(user_id: str) -> None:
+    """List USER_ID's keys (ids and dates, never the secret)."""
+    rows = _store().list_api_keys(user_id)
+    if not rows:
+        click.echo(f"no keys for user {user_id}")
+        return
+    click.echo(f"{'KEY ID':<18} {'CREATED':<33} STATUS")
+    for row in rows:
+        status = f"revoked {row['revoked_at']}" if row.get("revoked_at") else "active"
+        click.echo(f"{row['key_id']:<18} {row['created_at']:<33} {status}")
+
+
+@keys.command("revoke")
+@click.argument("key")
+@with_appcontext
+def revoke_key(key: str) -> None:
+    """Revoke KEY (the key itself, or its id as `keys list` shows it)."""
+    key_id = split_key(key) or key
+    if not _store().revoke_api_key(key_id):
+        raise click.ClickException("no such key")
+    click.echo(f"revoked key {key_id}")

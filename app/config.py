@@ -1,0 +1,94 @@
+"""Every setting of the service: read from the environment once, validated, with its default."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_REDIS_SOCKET = PROJECT_ROOT / "var" / "redis.sock"
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with."""
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise ConfigError(f"{name} must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(minimum: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+        if not value >= minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {raw}")
+        return value
+
+    return parse
+
+
+def _str(name: str, raw: str) -> str:
+    return raw
+
+
+def _providers(name: str, raw: str) -> tuple[str, ...]:
+    items = tuple(sorted({p.strip() for p in raw.split(",") if p.strip()}))
+    if not items:
+        raise ConfigError(f"{name} must name at least one provider type")
+    return items
+
+
+# name -> (default, parser, meaning). The README's configuration table is this list.
+SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
+    "REDIS_URL": (
+        f"unix://{EMBEDDED_REDIS_SOCKET}",
+        _str,
+        "Redis to use; unset: the embedded Redis that the run command starts (var/redis.sock)",
+    ),
+    "REDIS_POOL_SIZE": ("32", _int(2, 10_000), "Redis connections per worker for requests"),
+    "REDIS_TIMEOUT_SECONDS": ("5", _float(0.1), "socket timeout of a Redis command made for a request"),
+    "MAX_EVENT_BYTES": ("262144", _int(64), "largest JSON body the API takes (413 beyond)"),
+    "EVENT_RETENTION": ("0", _int(0), "events kept per conversation, oldest trimmed first; 0 keeps all"),
+    "IDEMPOTENCY_TTL_SECONDS": ("86400", _int(1), "how long an Idempotency-Key is remembered"),
+    "SSE_HEARTBEAT_SECONDS": ("15", _float(0.05), "idle time after which a stream sends ': ping'"),
+    "SSE_RETRY_MS": ("3000", _int(0), "reconnection delay sent to clients in the 'retry:' line"),
+    "SSE_MAX_STREAMS_PER_USER": ("100", _int(0), "open streams per user, across workers; 0: no cap"),
+    "SSE_QUEUE_MAX": ("2000", _int(1), "events a slow stream may fall behind before it is ended"),
+    "PROVIDERS": ("github,gitlab,bitbucket", _providers, "provider types accepted in providers_set"),
+    "SECRET_KEY": ("", _str, "signs session cookies; empty: a random key kept in Redis"),
+    "SESSION_MAX_AGE_SECONDS": ("604800", _int(60), "lifetime of the session cookie"),
+}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Read and validate every setting from the environment (or the mapping given)."""
+    environ = os.environ if environ is None else environ
+    settings: dict[str, Any] = {}
+    for name, (default, parse, _meaning) in SETTINGS.items():
+        raw = environ.get(name, "")
+        settings[name] = parse(name, raw.strip() if raw.strip() else default)
+    return settings
+
+
+def redacted_url(url: str) -> str:
+    """The Redis URL with any password masked, for logs."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user + ':' if user else ''}***@{host}"
+    return url

@@ -1,0 +1,118 @@
+"""The SSE wire format (pure functions) and the generator behind every event stream."""
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .errors import REDIS_DOWN
+
+if TYPE_CHECKING:
+    from .hub import Hub, Subscriber
+    from .store import Store
+
+log = logging.getLogger(__name__)
+
+PING = b": ping\n\n"
+CATCH_UP_PAGE = 500
+
+
+def retry_frame(retry_ms: int) -> bytes:
+    """The reconnection delay line that opens a stream."""
+    return b"retry: %d\n\n" % retry_ms
+
+
+def named_event(name: str, data: Any) -> bytes:
+    """A named event (`event:` line) with JSON data."""
+    return b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps(data))
+
+
+def event_frame(event_id: int, data: bytes) -> bytes:
+    """A conversation event: its id and its stored JSON (one line: compact JSON has no newline)."""
+    return b"id: %d\ndata: %s\n\n" % (event_id, data)
+
+
+def history_truncated(earliest_event_id: int) -> bytes:
+    """Says in band that events before `earliest_event_id` are no longer kept."""
+    return named_event("history_truncated", {"earliest_event_id": earliest_event_id})
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether the client has closed its end (a non-blocking peek reads EOF or fails)."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+
+
+def catch_up(store: Store, sub: Subscriber, upto: int | None = None) -> Iterator[bytes]:
+    """Frames of the stored events after the subscriber's last one (up to `upto`), page by page.
+
+    A first event later than the next expected id means retention trimmed the ones between:
+    that is said in band with `history_truncated` before the events go out.
+    """
+    while upto is None or sub.last_sent < upto:
+        page = store.read_after(sub.conversation_id, sub.last_sent, CATCH_UP_PAGE)
+        if upto is not None:
+            page = [(n, data) for n, data in page if n <= upto]
+        if not page:
+            return
+        frames = [history_truncated(page[0][0])] if page[0][0] > sub.last_sent + 1 else []
+        frames.extend(event_frame(n, data) for n, data in page)
+        sub.last_sent = page[-1][0]
+        yield b"".join(frames)
+        if len(page) < CATCH_UP_PAGE:
+            return
+
+
+def live_frames(store: Store, sub: Subscriber) -> bytes:
+    """The frames of the subscriber's pending batches that it has not sent yet, in id order."""
+    out: list[bytes] = []
+    for batch in sub.take():
+        if batch.last_id <= sub.last_sent:
+            continue
+        if batch.first_id > sub.last_sent + 1:
+            # Never expected (the hub reads every entry), but a gap must not become a loss.
+            out.extend(catch_up(store, sub, upto=batch.first_id - 1))
+        if batch.first_id == sub.last_sent + 1:
+            out.append(batch.joined)
+        else:
+            out.extend(frame for n, frame in batch.items if n > sub.last_sent)
+        sub.last_sent = batch.last_id
+    return b"".join(out)
+
+
+def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: float) -> Iterator[bytes]:
+    """The body of an SSE response: opening, stored events, then live ones; pings while idle."""
+    try:
+        yield opening
+        yield from catch_up(store, sub)
+        while True:
+            woken = sub.wake.wait(timeout=heartbeat)
+            sub.wake.clear()
+            if sub.readable:
+                sub.readable = False
+                if sub.sock is not None and peer_closed(sub.sock):
+                    sub.end("disconnected")
+            if sub.end_reason is not None:
+                # What is already queued still goes out before a deletion/shutdown ends the stream.
+                if sub.end_reason in ("deleted", "shutdown"):
+                    tail = live_frames(store, sub)
+                    if tail:
+                        yield tail
+                return
+            data = live_frames(store, sub) if woken else b""
+            yield data or PING
+    except REDIS_DOWN:
+        log.info("stream %s ended: Redis unreachable during catch-up", sub.connection_id)
+    finally:
+        hub.unsubscribe(sub)

