@@ -1,0 +1,425 @@
+"""Auth: Bearer API keys, the session cookie they mint, revocation, hashed storage, ownership."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from itsdangerous import TimestampSigner
+
+from app import create_app
+from app.auth import COOKIE_NAME
+
+from .conftest import bearer
+
+SSE = "/api/sse/conversations/{cid}/events"
+
+
+def assert_401(response) -> None:
+    """A 401 with the JSON error body of API.md, and no cookie."""
+    assert response.status_code == 401, response.data
+    assert response.mimetype == "application/json"
+    assert response.get_json() == {
+        "status": "error", "error": "unauthorized", "message": response.get_json()["message"],
+    }
+    assert response.get_json()["message"]
+    assert "Set-Cookie" not in response.headers
+
+
+def create(client, key: str, **body) -> str:
+    """Create a conversation; its id."""
+    response = client.post("/api/conversations", json=body, headers=bearer(key))
+    assert response.status_code == 200, response.data
+    return response.get_json()["conversation_id"]
+
+
+def session_cookie(response) -> str:
+    """The value of the session cookie a response sets."""
+    headers = [h for h in response.headers.getlist("Set-Cookie") if h.startswith(f"{COOKIE_NAME}=")]
+    assert len(headers) == 1, response.headers
+    return headers[0].split(";", 1)[0].split("=", 1)[1]
+
+
+def cookie_attributes(response) -> set[str]:
+    """The attributes of the session cookie's Set-Cookie header (lower case, values kept)."""
+    header = response.headers["Set-Cookie"]
+    return {part.strip().lower() for part in header.split(";")[1:]}
+
+
+def cookie_only_client(app, value: str):
+    """A fresh test client that has nothing but the session cookie."""
+    fresh = app.test_client()
+    fresh.set_cookie(COOKIE_NAME, value)
+    return fresh
+
+
+def every_route(cid: str) -> list[tuple[str, str, dict]]:
+    """(method, path, kwargs) of every REST route on conversation `cid`."""
+    return [
+        ("GET", "/api/conversations", {}),
+        ("POST", "/api/conversations", {"json": {}}),
+        ("GET", f"/api/conversations/{cid}", {}),
+        ("DELETE", f"/api/conversations/{cid}", {}),
+        ("POST", f"/api/conversations/{cid}/events", {"json": {"type": "user_message", "content": "hi"}}),
+        ("GET", f"/api/conversations/{cid}/events", {}),
+        ("GET", SSE.format(cid=cid), {}),
+    ]
+
+
+# 401 ------------------------------------------------------------------------------------------
+
+
+def test_no_credentials_is_401_on_every_route(app, client, make_key, redis_client):
+    cid = create(app.test_client(), make_key("alice"))
+    keys_before = sorted(redis_client.keys("*"))
+    for method, path, kwargs in every_route(cid):
+        assert_401(app.test_client().open(path, method=method, **kwargs))
+    # Nothing was written, and the conversation is still there.
+    assert sorted(redis_client.keys("*")) == keys_before
+
+
+@pytest.mark.parametrize("header", [
+    "Bearer",
+    "Bearer ",
+    "Bearer nonsense",
+    "Bearer ohk_",
+    "Bearer ohk_0123456789abcdef",
+    "Bearer ohk_0123456789abcdef_",
+    "Bearer ohk_0123456789abcdeg_secret",
+    "Bearer ohk_0123456789abcdef_secret",  # well shaped, unknown id
+    "Bearer ohk_0x23456789abcdef_secret",
+    "Bearer ohk_{123456789abcde}_secret",
+    "Basic YWxpY2U6c2VjcmV0",
+    "Token x",
+    "",
+    "ohk_0123456789abcdef_secret",
+])
+def test_malformed_or_unknown_credentials_are_401(client, make_key, header):
+    make_key("alice")
+    assert_401(client.get("/api/conversations", headers={"Authorization": header}))
+
+
+def test_a_key_with_a_wrong_secret_is_401(client, make_key):
+    key = make_key("alice")
+    last = "A" if key[-1] != "A" else "B"
+    assert_401(client.get("/api/conversations", headers=bearer(key[:-1] + last)))
+    assert_401(client.get("/api/conversations", headers=bearer(key + "x")))
+    assert_401(client.get("/api/conversations", headers=bearer(key[:-1])))
+    assert client.get("/api/conversations", headers=bearer(key)).status_code == 200
+
+
+def test_the_key_id_of_one_key_with_the_secret_of_another_is_401(client, make_key):
+    one, other = make_key("alice"), make_key("alice")
+    mixed = one[:21] + other[21:]  # "ohk_" + 16 hex of `one`, then "_secret" of `other`
+    assert mixed not in (one, other)
+    assert_401(client.get("/api/conversations", headers=bearer(mixed)))
+
+
+def test_scheme_is_case_insensitive_and_spaces_around_the_key_are_ignored(client, make_key):
+    key = make_key("alice")
+    for header in (f"bearer {key}", f"BEARER {key}", f"Bearer   {key}  "):
+        response = client.get("/api/conversations", headers={"Authorization": header})
+        assert response.status_code == 200, (header, response.data)
+
+
+def test_revoked_key_is_401_on_the_next_request(app, client, make_key):
+    key = make_key("alice")
+    assert client.get("/api/conversations", headers=bearer(key)).status_code == 200
+    key_id = key.split("_")[1]
+    assert app.extensions["store"].revoke_api_key(key_id)
+    assert_401(app.test_client().get("/api/conversations", headers=bearer(key)))
+
+
+def test_revoking_one_key_leaves_the_others_working(app, client, make_key):
+    one, two = make_key("alice"), make_key("alice")
+    app.extensions["store"].revoke_api_key(one.split("_")[1])
+    assert_401(client.get("/api/conversations", headers=bearer(one)))
+    assert client.get("/api/conversations", headers=bearer(two)).status_code == 200
+
+
+def test_a_bad_bearer_is_401_even_with_a_valid_cookie(app, make_key):
+    """An Authorization header is the credential when sent: a valid cookie does not rescue a bad one."""
+    key = make_key("alice")
+    response = app.test_client().get("/api/conversations", headers=bearer(key))
+    fresh = cookie_only_client(app, session_cookie(response))
+    assert fresh.get("/api/conversations").status_code == 200
+    assert_401(fresh.get("/api/conversations", headers={"Authorization": "Bearer wrong"}))
+
+
+# The session cookie ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs"), [
+    ("GET", "/api/conversations", {}),
+    ("POST", "/api/conversations", {}),
+    ("GET", "/api/conversations/{cid}", {}),
+    ("POST", "/api/conversations/{cid}/events", {"json": {"type": "user_message", "content": "x"}}),
+    ("GET", "/api/conversations/{cid}/events", {}),
+    ("DELETE", "/api/conversations/{cid}", {}),
+])
+def test_every_2xx_answer_to_a_bearer_request_sets_the_cookie(app, make_key, method, path, kwargs):
+    key = make_key("alice")
+    cid = create(app.test_client(), key)
+    response = app.test_client().open(path.format(cid=cid), method=method, headers=bearer(key), **kwargs)
+    assert response.status_code == 200, response.data
+    assert session_cookie(response)
+    attributes = cookie_attributes(response)
+    assert {"httponly", "samesite=lax", "path=/"} <= attributes
+    assert f"max-age={app.config['SESSION_MAX_AGE_SECONDS']}" in attributes
+    assert "secure" not in attributes  # plain http
+    assert not any(a.startswith("domain=") for a in attributes)
+
+
+def test_the_cookie_is_secure_over_https(app, make_key):
+    key = make_key("alice")
+    response = app.test_client().get("/api/conversations", headers=bearer(key), base_url="https://localhost")
+    assert response.status_code == 200
+    assert {"secure", "httponly", "samesite=lax", "path=/"} <= cookie_attributes(response)
+    response = app.test_client().get(
+        "/api/conversations", headers=bearer(key), environ_overrides={"wsgi.url_scheme": "https"}
+    )
+    assert "secure" in cookie_attributes(response)
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "status"), [
+    ("GET", "/api/conversations/nope", {}, 404),
+    ("DELETE", "/api/conversations/nope", {}, 404),
+    ("GET", "/api/conversations?limit=0", {}, 400),
+    ("POST", "/api/conversations", {"json": {"repository": "bad"}}, 400),
+    ("POST", "/api/conversations", {"data": "x", "content_type": "text/plain"}, 415),
+    ("POST", "/api/conversations/{cid}/events", {"json": {"type": "BAD"}}, 400),
+    ("POST", "/api/conversations/{cid}/events", {"data": b"{}" * 200_000, "content_type": "application/json"}, 413),
+    ("PUT", "/api/conversations/{cid}", {}, 405),
+    ("GET", "/api/conversations/{cid}/nothing", {}, 404),
+])
+def test_no_cookie_on_4xx(app, make_key, method, path, kwargs, status):
+    key = make_key("alice")
+    cid = create(app.test_client(), key)
+    response = app.test_client().open(path.format(cid=cid), method=method, headers=bearer(key), **kwargs)
+    assert response.status_code == status, response.data
+    assert "Set-Cookie" not in response.headers
+
+
+def test_the_cookie_alone_authenticates(app, make_key):
+    key = make_key("alice")
+    cid = create(app.test_client(), key, initial_user_msg="hello")
+    cookie = session_cookie(app.test_client().get("/api/conversations", headers=bearer(key)))
+
+    fresh = cookie_only_client(app, cookie)
+    listing = fresh.get("/api/conversations")
+    assert listing.status_code == 200
+    assert [c["conversation_id"] for c in listing.get_json()["results"]] == [cid]
+    assert fresh.get(f"/api/conversations/{cid}").status_code == 200
+    posted = fresh.post(f"/api/conversations/{cid}/events", json={"type": "user_message", "content": "via cookie"})
+    assert posted.get_json() == {"status": "ok", "success": True, "event_id": 1}
+    events = fresh.get(f"/api/conversations/{cid}/events").get_json()["events"]
+    assert [(e["source"], e["content"]) for e in events] == [("user", "hello"), ("user", "via cookie")]
+    # Cookie-authenticated answers do not mint a cookie of their own.
+    for response in (listing, posted):
+        assert "Set-Cookie" not in response.headers
+
+
+def test_the_test_client_keeps_the_cookie_between_requests(app, make_key):
+    key = make_key("alice")
+    browser = app.test_client()
+    assert browser.get("/api/conversations", headers=bearer(key)).status_code == 200
+    assert browser.get_cookie(COOKIE_NAME) is not None
+    response = browser.get("/api/conversations")  # no header now
+    assert response.status_code == 200
+    assert "Set-Cookie" not in response.headers
+
+
+def test_the_cookie_is_the_users_identity(app, make_key):
+    alice, bob = make_key("alice"), make_key("bob")
+    alice_cid = create(app.test_client(), alice)
+    bob_cid = create(app.test_client(), bob)
+    bob_cookie = session_cookie(app.test_client().get("/api/conversations", headers=bearer(bob)))
+    fresh = cookie_only_client(app, bob_cookie)
+    assert [c["conversation_id"] for c in fresh.get("/api/conversations").get_json()["results"]] == [bob_cid]
+    assert fresh.get(f"/api/conversations/{alice_cid}").status_code == 404
+
+
+def test_revoking_the_key_ends_its_cookie_on_the_next_request(app, make_key):
+    key = make_key("alice")
+    cookie = session_cookie(app.test_client().get("/api/conversations", headers=bearer(key)))
+    fresh = cookie_only_client(app, cookie)
+    assert fresh.get("/api/conversations").status_code == 200
+    app.extensions["store"].revoke_api_key(key.split("_")[1])
+    assert_401(fresh.get("/api/conversations"))
+    assert_401(cookie_only_client(app, cookie).get("/api/conversations"))
+
+
+def test_revoking_another_key_of_the_user_leaves_the_cookie_working(app, make_key):
+    key, other = make_key("alice"), make_key("alice")
+    cookie = session_cookie(app.test_client().get("/api/conversations", headers=bearer(key)))
+    app.extensions["store"].revoke_api_key(other.split("_")[1])
+    assert cookie_only_client(app, cookie).get("/api/conversations").status_code == 200
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda c: c[:-1] + ("A" if c[-1] != "A" else "B"),
+    lambda c: "ffffffffffffffff" + c[16:],
+    lambda c: c.split(".", 1)[0],
+    lambda c: "",
+    lambda c: "garbage",
+    lambda c: ".".join(["x"] * 3),
+])
+def test_a_tampered_cookie_is_401(app, make_key, tamper):
+    key = make_key("alice")
+    cookie = session_cookie(app.test_client().get("/api/conversations", headers=bearer(key)))
+    assert cookie_only_client(app, cookie).get("/api/conversations").status_code == 200
+    assert_401(cookie_only_client(app, tamper(cookie)).get("/api/conversations"))
+
+
+def test_an_expired_cookie_is_401(app, make_key, redis_client):
+    key = make_key("alice")
+    app.test_client().get("/api/conversations", headers=bearer(key))  # makes the signing secret
+    secret = redis_client.get("app:secret_key")
+    assert secret
+
+    class Past(TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(time.time()) - app.config["SESSION_MAX_AGE_SECONDS"] - 5
+
+    key_id = key.split("_")[1]
+    old = Past(secret.decode(), salt="oh-session").sign(key_id).decode()
+    fresh = TimestampSigner(secret.decode(), salt="oh-session").sign(key_id).decode()
+    assert cookie_only_client(app, fresh).get("/api/conversations").status_code == 200
+    assert_401(cookie_only_client(app, old).get("/api/conversations"))
+
+
+def test_a_cookie_signed_with_another_secret_is_401(app, make_key):
+    key = make_key("alice")
+    forged = TimestampSigner("not the secret", salt="oh-session").sign(key.split("_")[1]).decode()
+    assert_401(cookie_only_client(app, forged).get("/api/conversations"))
+
+
+def test_cookies_work_across_workers_sharing_redis(app, redis_server, make_key):
+    """Every worker signs with the secret kept in Redis, so a cookie from one works in another."""
+    key = make_key("alice")
+    cookie = session_cookie(app.test_client().get("/api/conversations", headers=bearer(key)))
+    other = create_app({"REDIS_URL": redis_server.url, "TESTING": True})
+    try:
+        assert cookie_only_client(other, cookie).get("/api/conversations").status_code == 200
+    finally:
+        other.extensions["redis"].close()
+
+
+def test_a_configured_secret_key_signs_the_cookies(redis_server, redis_client):
+    one = create_app({"REDIS_URL": redis_server.url, "TESTING": True, "SECRET_KEY": "s3cret-one"})
+    two = create_app({"REDIS_URL": redis_server.url, "TESTING": True, "SECRET_KEY": "s3cret-two"})
+    try:
+        key = one.extensions["store"].create_api_key("alice")[1]
+        cookie = session_cookie(one.test_client().get("/api/conversations", headers=bearer(key)))
+        expected = TimestampSigner("s3cret-one", salt="oh-session").unsign(cookie).decode()
+        assert expected == key.split("_")[1]
+        assert cookie_only_client(one, cookie).get("/api/conversations").status_code == 200
+        assert_401(cookie_only_client(two, cookie).get("/api/conversations"))
+    finally:
+        one.extensions["redis"].close()
+        two.extensions["redis"].close()
+
+
+def test_the_cookie_does_not_contain_the_key(app, make_key):
+    key = make_key("alice")
+    response = app.test_client().get("/api/conversations", headers=bearer(key))
+    secret = key.split("_", 2)[2]
+    assert secret not in response.headers["Set-Cookie"]
+    assert key not in response.headers["Set-Cookie"]
+
+
+# Keys are stored hashed -----------------------------------------------------------------------
+
+
+def all_redis_bytes(redis_client) -> bytes:
+    """Every key name and every value in the tests' Redis, concatenated."""
+    out = []
+    for name in redis_client.scan_iter("*"):
+        out.append(name)
+        kind = redis_client.type(name)
+        if kind == b"string":
+            out.append(redis_client.get(name))
+        elif kind == b"hash":
+            for k, v in redis_client.hgetall(name).items():
+                out += [k, v]
+        elif kind == b"set":
+            out += list(redis_client.smembers(name))
+        elif kind == b"zset":
+            out += [m for m, _ in redis_client.zrange(name, 0, -1, withscores=True)]
+        elif kind == b"stream":
+            for _id, fields in redis_client.xrange(name):
+                for k, v in fields.items():
+                    out += [k, v]
+        else:
+            raise AssertionError(f"unexpected type {kind!r} of {name!r}")
+    return b"\n".join(out)
+
+
+def test_keys_are_stored_hashed(app, client, make_key, redis_client):
+    key = make_key("alice")
+    secret = key.split("_", 2)[2]
+    # Use it: requests, a cookie, a conversation, events.
+    cid = create(client, key, initial_user_msg="hi")
+    client.post(f"/api/conversations/{cid}/events", json={"type": "user_message", "content": "x"}, headers=bearer(key))
+    stored = all_redis_bytes(redis_client)
+    assert stored  # the scan saw the data
+    assert secret.encode() not in stored
+    assert key.encode() not in stored
+    record = redis_client.hgetall(f"apikey:{{{key.split('_')[1]}}}")
+    assert set(record) == {b"user_id", b"hash", b"created_at"}
+    assert record[b"user_id"] == b"alice"
+    assert len(record[b"hash"]) == 64
+
+
+def test_keys_are_long_and_random(make_key):
+    keys = {make_key("alice") for _ in range(20)}
+    assert len(keys) == 20
+    for key in keys:
+        prefix, key_id, secret = key.split("_", 2)
+        assert prefix == "ohk"
+        assert len(key_id) == 16
+        assert len(secret) >= 43  # 32 random bytes, base64url
+    assert len({k.split("_")[1] for k in keys}) == 20
+
+
+# Another user's conversation is 404 -----------------------------------------------------------
+
+
+def test_another_users_conversation_is_404_on_every_route(app, make_key, redis_client):
+    alice, bob = make_key("alice"), make_key("bob")
+    cid = create(app.test_client(), alice, initial_user_msg="secret plan", repository="acme/app")
+    bob_client = app.test_client()
+    routes = [
+        ("GET", f"/api/conversations/{cid}", {}),
+        ("DELETE", f"/api/conversations/{cid}", {}),
+        ("POST", f"/api/conversations/{cid}/events", {"json": {"type": "user_message", "content": "hijack"}}),
+        ("GET", f"/api/conversations/{cid}/events", {}),
+        ("GET", f"/api/conversations/{cid}/events?start_id=0&limit=5", {}),
+    ]
+    unknown = app.test_client().get("/api/conversations/doesnotexist", headers=bearer(bob)).get_json()
+    for method, path, kwargs in routes:
+        response = bob_client.open(path, method=method, headers=bearer(bob), **kwargs)
+        assert response.status_code == 404, (method, path, response.data)
+        # The same answer as for an id that does not exist at all: nothing is revealed.
+        assert response.get_json() == unknown
+        assert b"secret plan" not in response.data
+    # Bob's listing does not show it, and nothing of Alice's changed.
+    assert bob_client.get("/api/conversations", headers=bearer(bob)).get_json() == {
+        "results": [], "next_page_id": None,
+    }
+    mine = app.test_client().get(f"/api/conversations/{cid}", headers=bearer(alice))
+    assert mine.status_code == 200
+    assert mine.get_json()["last_event_id"] == 0
+    events = app.test_client().get(f"/api/conversations/{cid}/events", headers=bearer(alice)).get_json()
+    assert [e["content"] for e in events["events"]] == ["secret plan"]
+
+
+def test_another_users_idempotency_key_does_not_reach_the_conversation(app, make_key):
+    alice, bob = make_key("alice"), make_key("bob")
+    cid = create(app.test_client(), alice)
+    body = {"type": "user_message", "content": "hi"}
+    first = app.test_client().post(f"/api/conversations/{cid}/events", json=body,
+                                   headers={**bearer(alice), "Idempotency-Key": "k1"})
+    assert first.status_code == 200
+    replay = app.test_client().post(f"/api/conversations/{cid}/events", json=body,
+                                    headers={**bearer(bob), "Idempotency-Key": "k1"})
+    assert replay.status_code == 404
