@@ -1,0 +1,120 @@
+"""Fixtures: a Redis server of the tests' own, the app, its test client, API keys, gunicorn servers."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from app import create_app
+
+from .servers import Gunicorn, RedisServer
+from .sse_client import OPENED
+
+
+@pytest.fixture(autouse=True)
+def close_streams() -> Iterator[None]:
+    """Close every SSE connection a test opened."""
+    yield
+    while OPENED:
+        OPENED.pop().close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole run, on a free port: the machine's own Redis is never touched."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client on the tests' Redis, flushed before and after each test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture()
+def app(redis_server: RedisServer, redis_client: redis.Redis):
+    """The app on the tests' Redis, defaults as in production."""
+    app = create_app({"REDIS_URL": redis_server.url, "TESTING": True})
+    yield app
+    app.extensions["redis"].close()
+
+
+@pytest.fixture()
+def client(app):
+    """Flask's test client."""
+    return app.test_client()
+
+
+@pytest.fixture()
+def make_key(app):
+    """Create an API key for a user; returns the key."""
+    def make(user_id: str = "alice") -> str:
+        return app.extensions["store"].create_api_key(user_id)[1]
+    return make
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The Authorization header for a key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture()
+def start_server(redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path):
+    """Start gunicorn (gevent workers) with extra settings; every server is stopped after the test."""
+    started: list[Gunicorn] = []
+
+    def start(redis_url: str | None = None, workers: int = 1, **env: str) -> Gunicorn:
+        server = Gunicorn(redis_url or redis_server.url, workers=workers, **env)
+        started.append(server)
+        return server.start(tmp_path / f"gunicorn-{len(started)}.log")
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+class Api:
+    """A tiny JSON client for a running server (urllib: real sockets, no test client)."""
+
+    def __init__(self, base: str, key: str):
+        self.base = base
+        self.key = key
+
+    def call(self, method: str, path: str, body: object | None = None, headers: dict[str, str] | None = None):
+        """(status, JSON body, headers)."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.key}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read() or b"null"), dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null"), dict(err.headers)
+
+    def create(self, **body) -> str:
+        """Create a conversation; its id."""
+        status, answer, _ = self.call("POST", "/api/conversations", body)
+        assert status == 200, answer
+        return answer["conversation_id"]
+
+    def post(self, cid: str, **action) -> int:
+        """Post an action; its event id."""
+        status, answer, _ = self.call("POST", f"/api/conversations/{cid}/events", action or
+                                      {"type": "user_message", "content": "hi"})
+        assert status == 200, answer
+        return answer["event_id"]

