@@ -1,0 +1,257 @@
+"""Every error is the JSON body of API.md: unknown paths, wrong methods, Redis down, unexpected failures."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from app import create_app
+
+from .conftest import bearer
+
+
+def assert_error(response, status: int, code: str) -> dict:
+    """A JSON error of API.md with this status and machine code, without a stack trace; its body."""
+    assert response.status_code == status, response.data
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert body == {"status": "error", "error": code, "message": body["message"]}
+    assert isinstance(body["message"], str) and body["message"]
+    assert_no_trace(response)
+    return body
+
+
+def assert_no_trace(response) -> None:
+    """The response shows nothing of the server's insides."""
+    text = response.get_data(as_text=True)
+    for marker in ("Traceback", 'File "', ", line ", "Exception", "<html", "<!doctype"):
+        assert marker.lower() not in text.lower(), text
+
+
+@pytest.fixture()
+def key(make_key) -> str:
+    """Alice's key."""
+    return make_key("alice")
+
+
+@pytest.fixture()
+def cid(client, key) -> str:
+    """A conversation of Alice's."""
+    return client.post("/api/conversations", headers=bearer(key)).get_json()["conversation_id"]
+
+
+# 404 and 405 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [
+    "/api/",
+    "/api",
+    "/api/nothing",
+    "/api/conversations/",
+    "/api/conversations/x/y",
+    "/api/conversations/x/events/1",
+    "/api/sse",
+    "/api/sse/conversations/x",
+    "/api/v1/conversations",
+])
+@pytest.mark.parametrize("authenticated", [True, False])
+def test_unknown_api_path_is_a_json_404(client, key, path, authenticated):
+    headers = bearer(key) if authenticated else {}
+    assert_error(client.get(path, headers=headers), 404, "not_found")
+    assert_error(client.post(path, headers=headers, json={}), 404, "not_found")
+
+
+@pytest.mark.parametrize("path", ["/", "/nothing", "/static/x.js"])
+def test_unknown_path_outside_the_api_is_a_json_404_too(client, path):
+    assert_error(client.get(path), 404, "not_found")
+
+
+@pytest.mark.parametrize(("method", "path", "allowed"), [
+    ("PUT", "/api/conversations", {"GET", "POST"}),
+    ("DELETE", "/api/conversations", {"GET", "POST"}),
+    ("PATCH", "/api/conversations/{cid}", {"GET", "DELETE"}),
+    ("POST", "/api/conversations/{cid}", {"GET", "DELETE"}),
+    ("PUT", "/api/conversations/{cid}/events", {"GET", "POST"}),
+    ("DELETE", "/api/conversations/{cid}/events", {"GET", "POST"}),
+    ("POST", "/api/sse/conversations/{cid}/events", {"GET"}),
+    ("POST", "/healthz", {"GET"}),
+])
+@pytest.mark.parametrize("authenticated", [True, False])
+def test_wrong_method_is_a_json_405(client, key, cid, method, path, allowed, authenticated):
+    response = client.open(path.format(cid=cid), method=method, headers=bearer(key) if authenticated else {},
+                           json={"type": "x"})
+    assert_error(response, 405, "method_not_allowed")
+    assert allowed <= {m.strip() for m in response.headers["Allow"].split(",")}
+    assert "Set-Cookie" not in response.headers
+
+
+def test_a_405_changes_nothing(client, key, cid):
+    client.put(f"/api/conversations/{cid}/events", headers=bearer(key), json={"type": "x"})
+    client.post(f"/api/conversations/{cid}", headers=bearer(key))
+    assert client.get(f"/api/conversations/{cid}/events", headers=bearer(key)).get_json()["events"] == []
+
+
+def test_options_answers_without_credentials(client, cid):
+    """CORS preflights carry no credentials: OPTIONS is answered with the allowed methods, and nothing else."""
+    response = client.options(f"/api/conversations/{cid}")
+    assert response.status_code == 200
+    assert {"GET", "DELETE"} <= {m.strip() for m in response.headers["Allow"].split(",")}
+    assert response.data == b""
+    assert "Set-Cookie" not in response.headers
+
+
+# Client mistakes are never a 500 --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "status"), [
+    ("GET", "/api/conversations?limit=%ff", {}, 400),
+    ("GET", "/api/conversations?page_id=%ff%fe", {}, 400),
+    ("GET", "/api/conversations/{cid}/events?start_id=%ff", {}, 400),
+    ("GET", "/api/conversations/{cid}/events?limit=" + "9" * 5000, {}, 400),
+    ("GET", "/api/conversations/" + "x" * 5000, {}, 404),
+    ("GET", "/api/conversations/%7B%7D", {}, 404),
+    ("GET", "/api/conversations/%2A", {}, 404),
+    ("GET", "/api/conversations/%ff", {}, 404),
+    ("GET", "/api/conversations/%00/events", {}, 404),
+    ("POST", "/api/conversations/%ff%00/events", {"json": {"type": "x"}}, 404),
+    ("DELETE", "/api/conversations/%2A", {}, 404),
+    ("POST", "/api/conversations", {"data": b"\xff\xfe\xfd", "content_type": "application/json"}, 400),
+    ("POST", "/api/conversations", {"data": b"{}", "content_type": "application/json; charset=latin-1"}, 200),
+    ("POST", "/api/conversations", {"data": b"{}", "content_type": "invalid"}, 415),
+    ("POST", "/api/conversations/{cid}/events", {"data": b'{"type":"x","a":1e999}',
+                                                 "content_type": "application/json"}, 400),
+    ("POST", "/api/conversations/{cid}/events", {"data": b'{"type":"x","a":"\\udc00"}',
+                                                 "content_type": "application/json"}, 400),
+    ("POST", "/api/conversations/{cid}/events", {"data": b'{"type":"x","a":123456789012345678901234567890}',
+                                                 "content_type": "application/json"}, 200),
+    ("POST", "/api/conversations/{cid}/events", {"data": b'{"type":"x","\\u0000":"\\u0000"}',
+                                                 "content_type": "application/json"}, 200),
+    ("POST", "/api/conversations/{cid}/events", {"json": {"type": "x"}, "headers": {"Idempotency-Key": "\x7f"}},
+     400),
+])
+def test_client_mistakes_are_never_a_500(client, key, cid, method, path, kwargs, status):
+    headers = {**bearer(key), **kwargs.pop("headers", {})}
+    response = client.open(path.format(cid=cid), method=method, headers=headers, **kwargs)
+    assert response.status_code == status, response.data
+    assert_no_trace(response)
+    if status >= 400:
+        assert response.get_json()["status"] == "error"
+
+
+# Unexpected failures ----------------------------------------------------------------------------
+
+
+def test_an_unexpected_exception_is_a_json_500_without_details(app, client, key, caplog):
+    @app.get("/api/boom")
+    def boom():
+        raise RuntimeError("secret internal detail /srv/app/module.py")
+
+    response = client.get("/api/boom", headers=bearer(key))
+    body = assert_error(response, 500, "internal_error")
+    assert "secret" not in body["message"]
+    assert "Set-Cookie" not in response.headers
+    # The details go to the log instead.
+    assert any(r.exc_info and r.exc_info[0] is RuntimeError for r in caplog.records)
+
+
+def test_a_redis_error_that_is_not_an_outage_is_a_json_500(client, key, cid, redis_client):
+    redis_client.delete(f"conv:{{{cid}}}:meta")
+    redis_client.set(f"conv:{{{cid}}}:meta", "not a hash")  # WRONGTYPE for every command on it
+    body = assert_error(client.get(f"/api/conversations/{cid}", headers=bearer(key)), 500, "internal_error")
+    assert "WRONGTYPE" not in body["message"]
+
+
+# Redis unreachable ------------------------------------------------------------------------------
+
+
+def every_route() -> list[tuple[str, str, dict]]:
+    """(method, path, kwargs) of every API route."""
+    return [
+        ("GET", "/api/conversations", {}),
+        ("POST", "/api/conversations", {"json": {"initial_user_msg": "hi"}}),
+        ("GET", "/api/conversations/abc", {}),
+        ("DELETE", "/api/conversations/abc", {}),
+        ("POST", "/api/conversations/abc/events", {"json": {"type": "user_message", "content": "x"}}),
+        ("GET", "/api/conversations/abc/events", {}),
+        ("GET", "/api/sse/conversations/abc/events", {}),
+        ("GET", "/healthz", {}),
+    ]
+
+
+def assert_503(response) -> None:
+    """Redis is unreachable: 503, JSON, Retry-After."""
+    assert_error(response, 503, "redis_unavailable")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert "Set-Cookie" not in response.headers
+
+
+@pytest.fixture()
+def down_app():
+    """The app with Redis on a port where nobody listens."""
+    app = create_app({"REDIS_URL": "redis://127.0.0.1:1/0", "REDIS_TIMEOUT_SECONDS": 0.3, "TESTING": True})
+    yield app
+    app.extensions["redis"].close()
+
+
+def test_redis_unreachable_is_503_on_every_route(down_app, app, make_key):
+    key = make_key("alice")  # a real key, from the working Redis
+    client = down_app.test_client()
+    for method, path, kwargs in every_route():
+        started = time.monotonic()
+        assert_503(client.open(path, method=method, headers=bearer(key), **kwargs))
+        assert time.monotonic() - started < 3
+
+
+def test_redis_unreachable_with_a_cookie_is_503(down_app, app, make_key):
+    key = make_key("alice")
+    cookie = app.test_client().get("/api/conversations", headers=bearer(key)).headers["Set-Cookie"]
+    client = down_app.test_client()
+    client.set_cookie("oh_session", cookie.split(";")[0].split("=", 1)[1])
+    assert_503(client.get("/api/conversations"))
+
+
+def test_redis_unreachable_without_credentials_is_still_401(down_app):
+    response = down_app.test_client().get("/api/conversations")
+    assert_error(response, 401, "unauthorized")
+
+
+@pytest.fixture()
+def silent_redis():
+    """A TCP port that accepts connections and never answers: a hung Redis."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+
+
+def test_redis_that_does_not_answer_is_503(silent_redis, app, make_key):
+    key = make_key("alice")
+    hung = create_app({"REDIS_URL": silent_redis, "REDIS_TIMEOUT_SECONDS": 0.2, "TESTING": True})
+    try:
+        started = time.monotonic()
+        assert_503(hung.test_client().get("/api/conversations", headers=bearer(key)))
+        assert time.monotonic() - started < 3
+    finally:
+        hung.extensions["redis"].close()
+
+
+def test_the_app_recovers_when_redis_is_back(redis_server, app, make_key, client):
+    """The pool's connections survive an outage: a client killed server-side is reconnected."""
+    key = make_key("alice")
+    assert client.get("/api/conversations", headers=bearer(key)).status_code == 200
+    admin = app.extensions["redis"]
+    admin.client_kill_filter(_type="normal", skipme=False)
+    assert client.get("/api/conversations", headers=bearer(key)).status_code == 200
+
+
+# Health -----------------------------------------------------------------------------------------
+
+
+def test_healthz_needs_no_credentials(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "ok"
+    assert body["streams"] == 0
+    assert "Set-Cookie" not in response.headers
