@@ -23,7 +23,8 @@ def parse_int(name: str, raw: str | None, *, default: int, minimum: int, maximum
     if raw is None or raw.strip() == "":
         return default
     text = raw.strip()
-    if not re.fullmatch(r"[+-]?\d{1,18}", text):
+    # [0-9], not \d: \d also matches other scripts' digits, which no client means as a number.
+    if not re.fullmatch(r"[+-]?[0-9]{1,18}", text):
         raise BadRequest(f"{name} must be an integer, got {raw[:40]!r}")
     value = int(text)
     if value < minimum:

@@ -37,7 +37,8 @@ def list_conversations() -> Response:
     page_id = request.args.get("page_id")
     before = None
     if page_id:
-        if not page_id.isdigit() or len(page_id) > 18:
+        # isdigit() alone lets through digits int() refuses (e.g. "²"), which would be a 500.
+        if not (page_id.isascii() and page_id.isdigit()) or len(page_id) > 18:
             raise BadRequest("page_id is not one this server gave out")
         before = int(page_id)
     results, next_page = get_store().list_conversations(caller.user_id, limit, before)
