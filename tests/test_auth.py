@@ -301,7 +301,7 @@ def test_cookies_work_across_workers_sharing_redis(app, redis_server, make_key):
     try:
         assert cookie_only_client(other, cookie).get("/api/conversations").status_code == 200
     finally:
-        other.extensions["redis"].close()
+        other.extensions["redis"].connection_pool.disconnect()
 
 
 def test_a_configured_secret_key_signs_the_cookies(redis_server, redis_client):
@@ -315,8 +315,8 @@ def test_a_configured_secret_key_signs_the_cookies(redis_server, redis_client):
         assert cookie_only_client(one, cookie).get("/api/conversations").status_code == 200
         assert_401(cookie_only_client(two, cookie).get("/api/conversations"))
     finally:
-        one.extensions["redis"].close()
-        two.extensions["redis"].close()
+        one.extensions["redis"].connection_pool.disconnect()
+        two.extensions["redis"].connection_pool.disconnect()
 
 
 def test_the_cookie_does_not_contain_the_key(app, make_key):

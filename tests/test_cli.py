@@ -153,7 +153,7 @@ def test_commands_say_when_redis_is_unreachable():
             assert "***" in result.output
             assert "Traceback" not in result.output
     finally:
-        app.extensions["redis"].close()
+        app.extensions["redis"].connection_pool.disconnect()
 
 
 def test_the_real_flask_command(app, redis_server):

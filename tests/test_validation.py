@@ -40,7 +40,7 @@ def test_parse_int_without_maximum_is_unbounded():
 
 
 @pytest.mark.parametrize("raw", ["x", "1.5", "1e3", "0x10", "1 2", "--1", "١٢x", "1_000", "nan", "inf",
-                                 "1234567890123456789"])
+                                 "1234567890123456789", "١٢", "²", "１", "5\n5"])
 def test_parse_int_rejects_what_is_not_an_integer(raw):
     err = bad_request(validation.parse_int, "limit", raw, default=20, minimum=1, maximum=100)
     assert "limit" in err.message
