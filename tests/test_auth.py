@@ -180,6 +180,14 @@ def test_the_cookie_is_secure_over_https(app, make_key):
     assert "secure" in cookie_attributes(response)
 
 
+def test_x_forwarded_proto_is_left_to_the_server(app, make_key):
+    """The app trusts no header itself: gunicorn sets the scheme from a trusted proxy's X-Forwarded-Proto."""
+    key = make_key("alice")
+    response = app.test_client().get("/api/conversations", headers={**bearer(key), "X-Forwarded-Proto": "https"})
+    assert response.status_code == 200
+    assert "secure" not in cookie_attributes(response)
+
+
 @pytest.mark.parametrize(("method", "path", "kwargs", "status"), [
     ("GET", "/api/conversations/nope", {}, 404),
     ("DELETE", "/api/conversations/nope", {}, 404),

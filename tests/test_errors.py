@@ -36,9 +36,9 @@ def key(make_key) -> str:
 
 
 @pytest.fixture()
-def cid(client, key) -> str:
-    """A conversation of Alice's."""
-    return client.post("/api/conversations", headers=bearer(key)).get_json()["conversation_id"]
+def cid(app, key) -> str:
+    """A conversation of Alice's (made with a client of its own: `client` keeps no cookie from it)."""
+    return app.test_client().post("/api/conversations", headers=bearer(key)).get_json()["conversation_id"]
 
 
 # 404 and 405 ----------------------------------------------------------------------------------
@@ -57,6 +57,7 @@ def cid(client, key) -> str:
 ])
 @pytest.mark.parametrize("authenticated", [True, False])
 def test_unknown_api_path_is_a_json_404(client, key, path, authenticated):
+    assert client.get_cookie("oh_session") is None
     headers = bearer(key) if authenticated else {}
     assert_error(client.get(path, headers=headers), 404, "not_found")
     assert_error(client.post(path, headers=headers, json={}), 404, "not_found")
@@ -79,6 +80,7 @@ def test_unknown_path_outside_the_api_is_a_json_404_too(client, path):
 ])
 @pytest.mark.parametrize("authenticated", [True, False])
 def test_wrong_method_is_a_json_405(client, key, cid, method, path, allowed, authenticated):
+    assert client.get_cookie("oh_session") is None
     response = client.open(path.format(cid=cid), method=method, headers=bearer(key) if authenticated else {},
                            json={"type": "x"})
     assert_error(response, 405, "method_not_allowed")
@@ -92,13 +94,12 @@ def test_a_405_changes_nothing(client, key, cid):
     assert client.get(f"/api/conversations/{cid}/events", headers=bearer(key)).get_json()["events"] == []
 
 
-def test_options_answers_without_credentials(client, cid):
-    """CORS preflights carry no credentials: OPTIONS is answered with the allowed methods, and nothing else."""
-    response = client.options(f"/api/conversations/{cid}")
+def test_options_needs_credentials_like_every_api_route(client, key, cid):
+    assert_error(client.options(f"/api/conversations/{cid}"), 401, "unauthorized")
+    response = client.options(f"/api/conversations/{cid}", headers=bearer(key))
     assert response.status_code == 200
     assert {"GET", "DELETE"} <= {m.strip() for m in response.headers["Allow"].split(",")}
     assert response.data == b""
-    assert "Set-Cookie" not in response.headers
 
 
 # Client mistakes are never a 500 --------------------------------------------------------------
