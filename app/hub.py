@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 READ_BLOCK_MS = 5000
 READ_COUNT = 1000
 CHECK_INTERVAL = 1.0
+OVERFLOW_GRACE = 5.0
 LEASE_TTL = 30.0
 LEASE_REFRESH = 10.0
 
@@ -50,7 +51,7 @@ class Subscriber:
 
     __slots__ = (
         "conversation_id", "user_id", "key_id", "connection_id", "last_sent", "pending",
-        "pending_events", "wake", "end_reason", "readable", "sock", "watcher", "__weakref__",
+        "pending_events", "wake", "end_reason", "readable", "sock", "watcher", "done", "__weakref__",
     )
 
     def __init__(self, conversation_id: str, user_id: str, key_id: str, connection_id: str, last_sent: int,
@@ -67,6 +68,7 @@ class Subscriber:
         self.readable = False
         self.sock = sock
         self.watcher: Any = None
+        self.done = False
 
     def deliver(self, batch: Batch, limit: int) -> None:
         """Queue a batch; a subscriber that falls `limit` events behind is ended (it resumes by id)."""
@@ -77,7 +79,16 @@ class Subscriber:
         if self.pending_events > limit:
             self.pending = []
             self.end("overflow")
+            # A client that stopped reading leaves its stream blocked in a write: cut it loose.
+            gevent.spawn_later(OVERFLOW_GRACE, self._abort)
         self.wake.set()
+
+    def _abort(self) -> None:
+        if not self.done and self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def take(self) -> list[Batch]:
         """Everything queued, emptying the queue."""
@@ -142,8 +153,8 @@ class Hub:
         self.closing = False
         self.pid = os.getpid()
         self._redis_url = redis_url
-        self._reader = make_dedicated_client(redis_url, READ_BLOCK_MS / 1000 + 5)
-        self._control = make_dedicated_client(redis_url, 5.0)
+        self._reader = make_dedicated_client(redis_url, "hub-reader", READ_BLOCK_MS / 1000 + 5)
+        self._control = make_dedicated_client(redis_url, "hub-control", 5.0)
         self._reader_client_id: int | None = None
         self._generation = 0
         self._reader_generation = -1
@@ -194,6 +205,7 @@ class Hub:
 
     def unsubscribe(self, sub: Subscriber) -> None:
         """Forget a stream (idempotent)."""
+        sub.done = True
         sub.close_watcher()
         conv = self.conversations.get(sub.conversation_id)
         if conv is not None:

@@ -1,6 +1,7 @@
 """The one Redis client (a bounded, blocking pool) of a worker process, and its accessor."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import redis
@@ -17,10 +18,16 @@ def _retry() -> Retry:
     return Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=_RETRY_ERRORS)
 
 
+def connection_name(role: str) -> str:
+    """The CLIENT SETNAME of this process's connections, so ops (and tests) can count them."""
+    return f"oh-sse:{os.getpid()}:{role}"
+
+
 def make_pool(url: str, size: int, timeout: float) -> redis.ConnectionPool:
     """A pool that waits (bounded) for a free connection instead of opening more than `size`."""
     return redis.BlockingConnectionPool.from_url(
         url,
+        client_name=connection_name("pool"),
         max_connections=size,
         timeout=timeout,
         socket_timeout=timeout,
@@ -35,15 +42,18 @@ def make_client(pool: redis.ConnectionPool) -> redis.Redis:
     return redis.Redis(connection_pool=pool)
 
 
-def make_dedicated_client(url: str, socket_timeout: float | None) -> redis.Redis:
-    """A client holding one connection of its own (the hub's reader and control connections)."""
-    return redis.Redis.from_url(
+def make_dedicated_client(url: str, role: str, socket_timeout: float | None) -> redis.Redis:
+    """A client of exactly one connection (the hub's reader, its control): pipelines included."""
+    pool = redis.BlockingConnectionPool.from_url(
         url,
-        single_connection_client=True,
+        max_connections=1,
+        timeout=30,
+        client_name=connection_name(role),
         socket_timeout=socket_timeout,
         socket_connect_timeout=2.0,
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 0),
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def init_app(app: Flask) -> None:
