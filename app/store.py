@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import redis
 
-from .errors import Conflict, NotFound
+from .errors import BadRequest, Conflict, NotFound
 
 SECRET_KEY_KEY = "app:secret_key"
 KEY_PREFIX = "ohk_"
@@ -258,7 +258,10 @@ class Store:
         idempotency: tuple[str, str] | None = None,
     ) -> tuple[list[str], list[Any]]:
         # The event JSON is made here, in posted field order; the script splices the id in front.
-        body = orjson.dumps({"timestamp": now_iso(), "source": source, **fields})
+        try:
+            body = orjson.dumps({"timestamp": now_iso(), "source": source, **fields})
+        except orjson.JSONEncodeError as err:  # lone surrogates, nesting deeper than 254
+            raise BadRequest(f"the action cannot be stored as JSON: {err}", code="invalid_json") from None
         idem_key, digest = idempotency if idempotency else ("", "")
         keys = [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid, idem_key)]
         args = [owner or "", body[1:], self.retention, "1" if idempotency else "0", self.idempotency_ttl, digest]

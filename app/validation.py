@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -48,16 +49,45 @@ def providers_set(raw: str | None, known: Iterable[str]) -> list[str]:
     return sorted(names)
 
 
+INT64 = (-(2**63), 2**64 - 1)
+
+
+def _json_int(text: str) -> int:
+    value = int(text)
+    if not INT64[0] <= value <= INT64[1]:
+        # orjson, which encodes stored events, holds 64-bit integers; refusing beats rounding.
+        raise ValueError("integers must fit in 64 bits")
+    return value
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number out of range: {text[:20]}")
+    return value
+
+
+def _json_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode_json_object(body: bytes) -> dict[str, Any]:
-    """A request body as a JSON object; anything else (bad JSON, too deep, not an object) is a 400."""
+    """A request body as a JSON object; anything else (bad JSON, too deep, not an object) is a 400.
+
+    Every number is kept exactly as posted or refused: no integer is rounded to a float.
+    """
     if not body.strip():
         raise BadRequest("the request body is empty; a JSON object is expected", code="invalid_json")
     try:
-        value = orjson.loads(body)
-    except (orjson.JSONDecodeError, RecursionError) as err:
+        value = json.loads(body, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except (ValueError, RecursionError) as err:
         raise BadRequest(f"the request body is not valid JSON: {str(err)[:120]}", code="invalid_json") from None
     if not isinstance(value, dict):
         raise BadRequest("the request body must be a JSON object", code="invalid_json")
+    try:
+        orjson.dumps(value)  # what is stored must encode: no lone surrogates, nesting within 254
+    except orjson.JSONEncodeError as err:
+        raise BadRequest(f"the request body cannot be stored as JSON: {err}", code="invalid_json") from None
     return value
 
 
