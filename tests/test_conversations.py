@@ -359,3 +359,17 @@ def test_delete_unknown_is_404(client, key):
 
 def test_get_unknown_is_404(client, key):
     assert_error(client.get("/api/conversations/nope", headers=bearer(key)), 404, "not_found")
+
+
+def test_a_whitespace_initial_user_msg_is_kept_as_event_0(client, key):
+    cid = create(client, key, initial_user_msg="  \n ")
+    assert [e["content"] for e in events(client, key, cid)] == ["  \n "]
+    assert get(client, key, cid)["title"] == f"Conversation {cid[:8]}"
+
+
+def test_list_drops_index_entries_without_a_conversation(client, key, redis_client):
+    """An index entry whose conversation is gone (a create cut short) is skipped and cleaned up."""
+    kept, broken = create(client, key), create(client, key)
+    redis_client.delete(f"conv:{{{broken}}}:meta")
+    assert [c["conversation_id"] for c in listing(client, key)["results"]] == [kept]
+    assert redis_client.zrange("user:{alice}:convs", 0, -1) == [kept.encode()]
