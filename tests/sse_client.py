@@ -109,12 +109,12 @@ class SSEStream:
 
     def events(self, timeout: float = 10.0, comments: bool = False):
         """Yield events as they arrive until the stream ends or `timeout` passes without any."""
+        deadline = time.monotonic() + timeout
         while True:
-            deadline = time.monotonic() + timeout
             for ev in self._parse_events():
                 if comments or ev.comment is None:
                     yield ev
-                    deadline = time.monotonic() + timeout
+                    deadline = time.monotonic() + timeout  # only what is yielded restarts the wait
             if self._eof:
                 return
             while not self._recv(deadline):
