@@ -37,13 +37,14 @@ LEASE_REFRESH = 10.0
 class Batch:
     """Events read together for one conversation: their frames, and all of them joined once."""
 
-    __slots__ = ("first_id", "last_id", "items", "joined")
+    __slots__ = ("first_id", "last_id", "items", "joined", "chunk")
 
     def __init__(self, items: list[tuple[int, bytes]]):
         self.items = items
         self.first_id = items[0][0]
         self.last_id = items[-1][0]
         self.joined = b"".join(frame for _n, frame in items)
+        self.chunk = sse.http_chunk(self.joined)
 
 
 class Subscriber:
@@ -51,11 +52,12 @@ class Subscriber:
 
     __slots__ = (
         "conversation_id", "user_id", "key_id", "connection_id", "last_sent", "pending",
-        "pending_events", "wake", "end_reason", "readable", "sock", "watcher", "done", "__weakref__",
+        "pending_events", "wake", "end_reason", "readable", "sock", "watcher", "done", "fd", "direct", "busy",
+        "outbuf", "__weakref__",
     )
 
     def __init__(self, conversation_id: str, user_id: str, key_id: str, connection_id: str, last_sent: int,
-                 sock: socket.socket | None = None):
+                 sock: socket.socket | None = None, chunked: bool = False):
         self.conversation_id = conversation_id
         self.user_id = user_id
         self.key_id = key_id
@@ -69,6 +71,13 @@ class Subscriber:
         self.sock = sock
         self.watcher: Any = None
         self.done = False
+        # Direct writes: once a stream is live, the hub writes each batch to its socket itself
+        # (one non-blocking write, no greenlet switch). `fd` is set only where that is possible:
+        # a plain socket whose response gunicorn sends with chunked transfer encoding.
+        self.fd = sock.fileno() if sock is not None and chunked else None
+        self.direct = False
+        self.busy = False  # the stream's greenlet owns the socket (a write would block)
+        self.outbuf = b""  # the unwritten rest of a direct write; the greenlet sends it
 
     def deliver(self, batch: Batch, limit: int) -> None:
         """Queue a batch; a subscriber that falls `limit` events behind is ended (it resumes by id)."""
@@ -82,6 +91,22 @@ class Subscriber:
             # A client that stopped reading leaves its stream blocked in a write: cut it loose.
             gevent.spawn_later(OVERFLOW_GRACE, self._abort)
         self.wake.set()
+
+    def write_now(self, batch: Batch) -> None:
+        """Send the batch straight to the socket; what does not fit goes to the stream's greenlet."""
+        data = batch.chunk
+        try:
+            written = os.write(self.fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            self.end("disconnected")
+            return
+        self.last_sent = batch.last_id
+        if written < len(data):
+            self.outbuf = data[written:]
+            self.busy = True
+            self.wake.set()
 
     def _abort(self) -> None:
         if not self.done and self.sock is not None:
@@ -277,7 +302,10 @@ class Hub:
                 conv.position = entries[-1][0].decode()
                 batch = Batch(items)
                 for sub in list(conv.subscribers):
-                    sub.deliver(batch, self.queue_max)
+                    if sub.direct and not sub.busy and batch.first_id == sub.last_sent + 1:
+                        sub.write_now(batch)
+                    else:
+                        sub.deliver(batch, self.queue_max)
 
     def _wake_loop(self) -> None:
         # A CLIENT UNBLOCK that lands between two XREADs is lost, so keep unblocking until the

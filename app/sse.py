@@ -40,6 +40,14 @@ def history_truncated(earliest_event_id: int) -> bytes:
     return named_event("history_truncated", {"earliest_event_id": earliest_event_id})
 
 
+def http_chunk(data: bytes) -> bytes:
+    """`data` framed as one HTTP/1.1 chunk (for the hub's direct writes under gunicorn's chunking)."""
+    return b"%X\r\n%s\r\n" % (len(data), data)
+
+
+PING_CHUNK = http_chunk(PING)
+
+
 def peer_closed(sock: socket.socket) -> bool:
     """Whether the client has closed its end (a non-blocking peek reads EOF or fails)."""
     timeout = sock.gettimeout()
@@ -91,11 +99,62 @@ def live_frames(store: Store, sub: Subscriber) -> bytes:
     return b"".join(out)
 
 
+def flush(store: Store, sub: Subscriber) -> None:
+    """Write, from the stream's greenlet, what the hub could not write at once, until nothing is left."""
+    sub.busy = True
+    while True:
+        frames = live_frames(store, sub)
+        data = sub.outbuf + (http_chunk(frames) if frames else b"")
+        sub.outbuf = b""
+        if not data:
+            break
+        sub.sock.sendall(data)
+    sub.busy = False
+
+
+def follow_direct(store: Store, sub: Subscriber, heartbeat: float) -> None:
+    """The live part of a stream whose batches the hub writes itself; this greenlet only waits.
+
+    It takes the socket over when a write would block (or a batch needs filtering), for pings,
+    and to close: a half-written chunk is always completed, so the framing stays valid.
+    """
+    sub.direct = True
+    while True:
+        woken = sub.wake.wait(timeout=heartbeat)
+        sub.wake.clear()
+        if sub.readable:
+            sub.readable = False
+            if peer_closed(sub.sock):
+                sub.end("disconnected")
+        reason = sub.end_reason
+        if reason is not None:
+            if reason in ("deleted", "shutdown"):
+                flush(store, sub)
+            elif reason != "disconnected" and sub.outbuf:
+                sub.sock.sendall(sub.outbuf)
+            return
+        if sub.busy or sub.pending:
+            flush(store, sub)
+        elif not woken:
+            sub.busy = True
+            sub.sock.sendall(PING_CHUNK)
+            flush(store, sub)
+
+
 def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: float) -> Iterator[bytes]:
     """The body of an SSE response: opening, stored events, then live ones; pings while idle."""
     try:
         yield opening
         yield from catch_up(store, sub)
+        if sub.fd is not None:
+            # What arrived during the catch-up goes out through gunicorn; then the hub writes.
+            while sub.pending and sub.end_reason is None:
+                data = live_frames(store, sub)
+                if data:
+                    yield data
+            if sub.end_reason is None:
+                follow_direct(store, sub, heartbeat)
+            return
         while True:
             woken = sub.wake.wait(timeout=heartbeat)
             sub.wake.clear()
@@ -114,5 +173,7 @@ def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: f
             yield data or PING
     except REDIS_DOWN:
         log.info("stream %s ended: Redis unreachable during catch-up", sub.connection_id)
+    except OSError:
+        pass  # the client went away during a write of ours
     finally:
         hub.unsubscribe(sub)

@@ -41,6 +41,18 @@ def _acquire_slot(store: Store, user_id: str, connection_id: str) -> None:
         raise TooManyRequests(f"at most {cap} streams may be open per user", headers={"Retry-After": "5"})
 
 
+def _chunked_plain_http(environ: dict, sock: object) -> bool:
+    """Whether gunicorn sends this response in HTTP/1.1 chunks on a plain (not TLS) socket.
+
+    Only then may the hub write to the socket itself; otherwise every byte goes through gunicorn.
+    """
+    return (
+        sock is not None
+        and environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+        and not hasattr(sock, "cipher")  # TLS sockets have one; their bytes must go through ssl
+    )
+
+
 @bp.get("/conversations/<cid>/events")
 def stream_events(cid: str) -> Response:
     """Every event after the client's last one, then each new one as it is written."""
@@ -54,8 +66,9 @@ def stream_events(cid: str) -> Response:
         raise NotFound("no such conversation")
     connection_id = secrets.token_urlsafe(12)
     _acquire_slot(store, caller.user_id, connection_id)
+    sock = request.environ.get("gunicorn.socket")
     sub = Subscriber(cid, caller.user_id, caller.key_id, connection_id if config["SSE_MAX_STREAMS_PER_USER"] else "",
-                     latest, request.environ.get("gunicorn.socket"))
+                     latest, sock, chunked=_chunked_plain_http(request.environ, sock))
     try:
         hub.subscribe(sub)
     except HubUnavailable as err:
