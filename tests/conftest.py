@@ -47,7 +47,7 @@ def app(redis_server: RedisServer, redis_client: redis.Redis):
     """The app on the tests' Redis, defaults as in production."""
     app = create_app({"REDIS_URL": redis_server.url, "TESTING": True})
     yield app
-    app.extensions["redis"].close()
+    app.extensions["redis"].connection_pool.disconnect()
 
 
 @pytest.fixture()

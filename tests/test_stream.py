@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -269,3 +270,21 @@ def test_reconnects_during_concurrent_posts_deliver_every_event_exactly_once(ser
         assert sorted(posted[cid]) == list(range(per_conversation))
     for (cid, n), ids in results.items():
         assert ids == list(range(per_conversation)), f"reader {n} of {cid[:6]}: {len(ids)} ids, first gap/dup shown"
+
+
+def test_http_1_0_clients_get_the_stream_through_gunicorn(server, api):
+    """No chunked encoding on HTTP/1.0: the hub must not write to the socket itself."""
+    cid = api.create(initial_user_msg="zero")
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(f"GET {SSE.format(cid)} HTTP/1.0\r\nAuthorization: Bearer {api.key}\r\n\r\n".encode())
+    raw = b""
+    while b"id: 0" not in raw:
+        raw += sock.recv(65536)
+    api.post(cid, type="user_message", content="live")
+    while b"id: 1\ndata: " not in raw or not raw.endswith(b"\n\n"):
+        raw += sock.recv(65536)
+    sock.close()
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding" not in head
+    assert body.startswith(b"retry: 3000\n\nevent: connection\n")
+    assert b'"content":"live"' in body
