@@ -1,6 +1,8 @@
 """Flask commands: API keys (create, list, revoke)."""
 from __future__ import annotations
 
+import hmac
+
 import click
 import redis
 from flask import current_app
@@ -8,7 +10,7 @@ from flask.cli import with_appcontext
 
 from .auth import split_key
 from .config import redacted_url
-from .store import Store
+from .store import Store, hash_secret
 from .validation import USER_ID
 
 
@@ -62,7 +64,15 @@ def list_keys(user_id: str) -> None:
 @with_appcontext
 def revoke_key(key: str) -> None:
     """Revoke KEY (the key itself, or its id as `keys list` shows it)."""
-    key_id = split_key(key) or key
-    if not _store().revoke_api_key(key_id):
+    store = _store()
+    key_id = split_key(key)
+    if key_id is not None:
+        # A whole key must match what is stored: a mistyped secret revokes nothing.
+        record = store.get_api_key(key_id)
+        if not record or not hmac.compare_digest(record["hash"], hash_secret(key)):
+            raise click.ClickException("no such key")
+    else:
+        key_id = key
+    if not store.revoke_api_key(key_id):
         raise click.ClickException("no such key")
     click.echo(f"revoked key {key_id}")

@@ -175,3 +175,14 @@ def test_the_real_flask_command(app, redis_server):
     assert key.startswith("ohk_")
     assert works(app, key)
     assert app.extensions["store"].get_api_key(key.split("_")[1])["user_id"] == "alice"
+
+
+def test_revoke_with_a_mistyped_secret_revokes_nothing(app):
+    runner = app.test_cli_runner()
+    key = runner.invoke(args=["keys", "create", "alice"]).output.strip().splitlines()[-1]
+    wrong = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
+    result = runner.invoke(args=["keys", "revoke", wrong])
+    assert result.exit_code != 0 and "no such key" in result.output
+    assert not app.extensions["store"].get_api_key(key.split("_")[1]).get("revoked_at")
+    assert runner.invoke(args=["keys", "revoke", key]).exit_code == 0
+    assert app.extensions["store"].get_api_key(key.split("_")[1]).get("revoked_at")
