@@ -64,6 +64,12 @@ def make_key(app):
     return make
 
 
+@pytest.fixture()
+def key(make_key) -> str:
+    """Alice's key."""
+    return make_key("alice")
+
+
 def bearer(key: str) -> dict[str, str]:
     """The Authorization header for a key."""
     return {"Authorization": f"Bearer {key}"}

@@ -13,13 +13,6 @@ from .conftest import bearer
 
 SSE = "/api/sse/conversations/{cid}/events"
 
-@pytest.fixture(autouse=True)
-def _close_app_pool(app):
-    """Close the app's pooled connections after each test (closing the client leaves its pool open)."""
-    yield
-    app.extensions["redis"].connection_pool.disconnect()
-
-
 
 def assert_401(response) -> None:
     """A 401 with the JSON error body of API.md, and no cookie."""

@@ -14,13 +14,6 @@ from .conftest import bearer
 
 ROOT = Path(__file__).resolve().parent.parent
 
-@pytest.fixture(autouse=True)
-def _close_app_pool(app):
-    """Close the app's pooled connections after each test (closing the client leaves its pool open)."""
-    yield
-    app.extensions["redis"].connection_pool.disconnect()
-
-
 
 @pytest.fixture()
 def runner(app):

@@ -11,19 +11,6 @@ from .conftest import bearer
 
 FIELDS = {"conversation_id", "repository", "selected_branch", "title", "created_at", "last_event_id"}
 
-@pytest.fixture(autouse=True)
-def _close_app_pool(app):
-    """Close the app's pooled connections after each test (closing the client leaves its pool open)."""
-    yield
-    app.extensions["redis"].connection_pool.disconnect()
-
-
-
-@pytest.fixture()
-def key(make_key) -> str:
-    """Alice's key."""
-    return make_key("alice")
-
 
 def create(client, key: str, **body) -> str:
     """Create a conversation with a JSON body; its id."""

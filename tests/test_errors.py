@@ -11,14 +11,6 @@ from app import create_app
 from .conftest import bearer
 
 
-@pytest.fixture(autouse=True)
-def _close_app_pool(app):
-    """Close the app's pooled connections after each test (closing the client leaves its pool open)."""
-    yield
-    app.extensions["redis"].connection_pool.disconnect()
-
-
-
 def assert_error(response, status: int, code: str) -> dict:
     """A JSON error of API.md with this status and machine code, without a stack trace; its body."""
     assert response.status_code == status, response.data
@@ -35,12 +27,6 @@ def assert_no_trace(response) -> None:
     text = response.get_data(as_text=True)
     for marker in ("Traceback", 'File "', ", line ", "Exception", "<html", "<!doctype"):
         assert marker.lower() not in text.lower(), text
-
-
-@pytest.fixture()
-def key(make_key) -> str:
-    """Alice's key."""
-    return make_key("alice")
 
 
 @pytest.fixture()

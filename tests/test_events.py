@@ -15,19 +15,6 @@ from .conftest import bearer
 
 MESSAGE = {"type": "user_message", "content": "hello"}
 
-@pytest.fixture(autouse=True)
-def _close_app_pool(app):
-    """Close the app's pooled connections after each test (closing the client leaves its pool open)."""
-    yield
-    app.extensions["redis"].connection_pool.disconnect()
-
-
-
-@pytest.fixture()
-def key(make_key) -> str:
-    """Alice's key."""
-    return make_key("alice")
-
 
 @pytest.fixture()
 def cid(client, key) -> str:
