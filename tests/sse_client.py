@@ -35,6 +35,7 @@ class SSEStream:
     _chunked: bool = False
     _eof: bool = False
     _pending: SSEEvent = field(default_factory=SSEEvent)
+    _parsed: list[SSEEvent] = field(default_factory=list)
     retry: int | None = None
 
     def close(self) -> None:
@@ -111,7 +112,10 @@ class SSEStream:
         """Yield events as they arrive until the stream ends or `timeout` passes without any."""
         deadline = time.monotonic() + timeout
         while True:
-            for ev in self._parse_events():
+            self._parsed.extend(self._parse_events())
+            while self._parsed:
+                # Popped one at a time: a caller that stops early leaves the rest for the next call.
+                ev = self._parsed.pop(0)
                 if comments or ev.comment is None:
                     yield ev
                     deadline = time.monotonic() + timeout  # only what is yielded restarts the wait

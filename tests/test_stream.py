@@ -288,3 +288,22 @@ def test_http_1_0_clients_get_the_stream_through_gunicorn(server, api):
     assert b"Transfer-Encoding" not in head
     assert body.startswith(b"retry: 3000\n\nevent: connection\n")
     assert b'"content":"live"' in body
+
+
+def test_head_gets_the_stream_headers_and_no_body(server, api):
+    cid = api.create(initial_user_msg="zero")
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(f"HEAD {SSE.format(cid)} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api.key}\r\n\r\n".encode())
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        raw += sock.recv(65536)
+    api.post(cid, type="user_message", content="live")
+    sock.settimeout(1.5)
+    try:
+        rest = sock.recv(65536)
+    except TimeoutError:
+        rest = b""
+    sock.close()
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert b"text/event-stream; charset=utf-8" in raw
+    assert raw.split(b"\r\n\r\n", 1)[1] + rest == b""

@@ -16,6 +16,12 @@ from . import get_store
 
 bp = Blueprint("sse", __name__, url_prefix="/api/sse")
 
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: pass every event on at once
+}
+
 
 def get_hub() -> Hub:
     """The worker's hub, started on the first stream (never at import, never before a fork)."""
@@ -49,6 +55,7 @@ def _chunked_plain_http(environ: dict, sock: object) -> bool:
     return (
         sock is not None
         and environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+        and environ.get("REQUEST_METHOD") == "GET"
         and not hasattr(sock, "cipher")  # TLS sockets have one; their bytes must go through ssl
     )
 
@@ -60,10 +67,12 @@ def stream_events(cid: str) -> Response:
     config = current_app.config
     latest = validation.resume_point(request.headers.get("Last-Event-ID"), request.args.get("latest_event_id"))
     providers = validation.providers_set(request.args.get("providers_set"), config["PROVIDERS"])
-    hub = get_hub()
     store = get_store()
     if store.conversation_owner(cid) != caller.user_id:
         raise NotFound("no such conversation")
+    if request.method == "HEAD":  # the headers a GET would get, and no stream behind them
+        return Response(headers=STREAM_HEADERS)
+    hub = get_hub()
     connection_id = secrets.token_urlsafe(12)
     _acquire_slot(store, caller.user_id, connection_id)
     sock = request.environ.get("gunicorn.socket")
@@ -81,8 +90,4 @@ def stream_events(cid: str) -> Response:
         "providers_set": providers,
     })
     body = sse.stream(hub, store, sub, opening, config["SSE_HEARTBEAT_SECONDS"])
-    return Response(body, headers={
-        "Content-Type": "text/event-stream; charset=utf-8",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-    })
+    return Response(body, headers=STREAM_HEADERS)
