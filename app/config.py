@@ -68,6 +68,9 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "SSE_RETRY_MS": ("3000", _int(0), "reconnection delay sent to clients in the 'retry:' line"),
     "SSE_MAX_STREAMS_PER_USER": ("100", _int(0), "open streams per user, across workers; 0: no cap"),
     "SSE_QUEUE_MAX": ("2000", _int(1), "events a slow stream may fall behind before it is ended"),
+    "SSE_COALESCE_MS": (
+        "4", _float(0), "after writing an event to 200+ streams, wait this long to batch the next; 0: never",
+    ),
     "PROVIDERS": ("github,gitlab,bitbucket", _providers, "provider types accepted in providers_set"),
     "SECRET_KEY": ("", _str, "signs session cookies; empty: a random key kept in Redis"),
     "SESSION_MAX_AGE_SECONDS": ("604800", _int(60), "lifetime of the session cookie"),

@@ -30,6 +30,7 @@ READ_BLOCK_MS = 5000
 READ_COUNT = 1000
 CHECK_INTERVAL = 1.0
 OVERFLOW_GRACE = 5.0
+COALESCE_MIN_WRITES = 200  # a dispatch this large makes the next read wait to gather more
 LEASE_TTL = 30.0
 LEASE_REFRESH = 10.0
 
@@ -168,8 +169,9 @@ class HubUnavailable(Exception):
 class Hub:
     """The fan-out of one worker process."""
 
-    def __init__(self, redis_url: str, store: Store, *, queue_max: int, stream_cap: int):
+    def __init__(self, redis_url: str, store: Store, *, queue_max: int, stream_cap: int, coalesce: float = 0.0):
         self.store = store
+        self.coalesce = coalesce
         self.queue_max = queue_max
         self.stream_cap = stream_cap
         self.conversations: dict[str, Conversation] = {}
@@ -177,7 +179,6 @@ class Hub:
         self.by_user: dict[str, set[Subscriber]] = {}
         self.closing = False
         self.pid = os.getpid()
-        self._redis_url = redis_url
         self._reader = make_dedicated_client(redis_url, "hub-reader", READ_BLOCK_MS / 1000 + 5)
         self._control = make_dedicated_client(redis_url, "hub-control", 5.0)
         self._reader_client_id: int | None = None
@@ -257,13 +258,6 @@ class Hub:
             for sub in list(conv.subscribers):
                 sub.end("shutdown")
 
-    def stop(self) -> None:
-        """Stop the hub's greenlets and close its connections."""
-        self.shutdown()
-        gevent.killall(self._greenlets, block=False)
-        for client in (self._reader, self._control):
-            client.close()
-
     # The reader ----------------------------------------------------------------------------
 
     def _changed(self) -> None:
@@ -294,6 +288,7 @@ class Hub:
                 gevent.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
+            writes = 0
             for key, entries in result or ():
                 conv = reading.get(key)
                 if conv is None or self.conversations.get(conv.cid) is not conv or not entries:
@@ -301,11 +296,16 @@ class Hub:
                 items = [(event_id_of(eid), sse.event_frame(event_id_of(eid), fields[b"e"])) for eid, fields in entries]
                 conv.position = entries[-1][0].decode()
                 batch = Batch(items)
+                writes += len(conv.subscribers)
                 for sub in list(conv.subscribers):
                     if sub.direct and not sub.busy and batch.first_id == sub.last_sent + 1:
                         sub.write_now(batch)
                     else:
                         sub.deliver(batch, self.queue_max)
+            if self.coalesce and writes >= COALESCE_MIN_WRITES:
+                # Under fan-out, each socket write costs a syscall whatever it carries: waiting a
+                # few ms lets the next read bring several events, written once per subscriber.
+                gevent.sleep(self.coalesce)
 
     def _wake_loop(self) -> None:
         # A CLIENT UNBLOCK that lands between two XREADs is lost, so keep unblocking until the

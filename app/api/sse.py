@@ -37,6 +37,7 @@ def get_hub() -> Hub:
             get_store(),
             queue_max=app.config["SSE_QUEUE_MAX"],
             stream_cap=app.config["SSE_MAX_STREAMS_PER_USER"],
+            coalesce=app.config["SSE_COALESCE_MS"] / 1000,
         )
     return hub
 
