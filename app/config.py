@@ -59,7 +59,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         _str,
         "Redis to use; unset: the embedded Redis that the run command starts (var/redis.sock)",
     ),
-    "REDIS_POOL_SIZE": ("32", _int(2, 10_000), "Redis connections per worker for requests"),
+    "REDIS_POOL_SIZE": ("16", _int(2, 10_000), "Redis connections per worker for requests, at most"),
     "REDIS_TIMEOUT_SECONDS": ("5", _float(0.1), "socket timeout of a Redis command made for a request"),
     "MAX_EVENT_BYTES": ("262144", _int(64), "largest JSON body the API takes (413 beyond)"),
     "EVENT_RETENTION": ("0", _int(0), "events kept per conversation, oldest trimmed first; 0 keeps all"),
