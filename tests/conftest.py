@@ -75,6 +75,34 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def create(client, key: str, **body) -> str:
+    """Create a conversation through the test client; its id."""
+    response = client.post("/api/conversations", json=body, headers=bearer(key))
+    assert response.status_code == 200, response.data
+    return response.get_json()["conversation_id"]
+
+
+def assert_no_trace(response) -> None:
+    """The response shows nothing of the server's insides."""
+    text = response.get_data(as_text=True)
+    for marker in ("Traceback", 'File "', ", line ", "Exception", "<html", "<!doctype"):
+        assert marker.lower() not in text.lower(), text
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    """A JSON error of API.md with this status (and machine code), without a stack trace; its body."""
+    assert response.status_code == status, response.data
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert set(body) == {"status", "error", "message"}
+    assert body["status"] == "error"
+    assert isinstance(body["message"], str) and body["message"]
+    if code is not None:
+        assert body["error"] == code
+    assert_no_trace(response)
+    return body
+
+
 @pytest.fixture()
 def start_server(redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path):
     """Start gunicorn (gevent workers) with extra settings; every server is stopped after the test."""

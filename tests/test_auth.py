@@ -9,7 +9,7 @@ from itsdangerous import TimestampSigner
 from app import create_app
 from app.auth import COOKIE_NAME
 
-from .conftest import bearer
+from .conftest import bearer, create
 
 SSE = "/api/sse/conversations/{cid}/events"
 
@@ -23,13 +23,6 @@ def assert_401(response) -> None:
     }
     assert response.get_json()["message"]
     assert "Set-Cookie" not in response.headers
-
-
-def create(client, key: str, **body) -> str:
-    """Create a conversation; its id."""
-    response = client.post("/api/conversations", json=body, headers=bearer(key))
-    assert response.status_code == 200, response.data
-    return response.get_json()["conversation_id"]
 
 
 def session_cookie(response) -> str:

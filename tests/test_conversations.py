@@ -7,16 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from .conftest import bearer
+from .conftest import assert_error, bearer, create
 
 FIELDS = {"conversation_id", "repository", "selected_branch", "title", "created_at", "last_event_id"}
-
-
-def create(client, key: str, **body) -> str:
-    """Create a conversation with a JSON body; its id."""
-    response = client.post("/api/conversations", json=body, headers=bearer(key))
-    assert response.status_code == 200, response.data
-    return response.get_json()["conversation_id"]
 
 
 def get(client, key: str, cid: str) -> dict:
@@ -38,19 +31,6 @@ def listing(client, key: str, query: str = "") -> dict:
     response = client.get(f"/api/conversations{query}", headers=bearer(key))
     assert response.status_code == 200, response.data
     return response.get_json()
-
-
-def assert_error(response, status: int, code: str | None = None) -> dict:
-    """A JSON error of API.md with this status; its body."""
-    assert response.status_code == status, response.data
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert set(body) == {"status", "error", "message"}
-    assert body["status"] == "error"
-    assert body["message"]
-    if code is not None:
-        assert body["error"] == code
-    return body
 
 
 # Create ---------------------------------------------------------------------------------------

@@ -8,25 +8,7 @@ import pytest
 
 from app import create_app
 
-from .conftest import bearer
-
-
-def assert_error(response, status: int, code: str) -> dict:
-    """A JSON error of API.md with this status and machine code, without a stack trace; its body."""
-    assert response.status_code == status, response.data
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert body == {"status": "error", "error": code, "message": body["message"]}
-    assert isinstance(body["message"], str) and body["message"]
-    assert_no_trace(response)
-    return body
-
-
-def assert_no_trace(response) -> None:
-    """The response shows nothing of the server's insides."""
-    text = response.get_data(as_text=True)
-    for marker in ("Traceback", 'File "', ", line ", "Exception", "<html", "<!doctype"):
-        assert marker.lower() not in text.lower(), text
+from .conftest import assert_error, assert_no_trace, bearer
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ import pytest
 
 from app import create_app
 
-from .conftest import bearer
+from .conftest import assert_error, bearer
 
 MESSAGE = {"type": "user_message", "content": "hello"}
 
@@ -52,19 +52,6 @@ def list_events(client, key: str, cid: str, query: str = "") -> dict:
 def stored(client, key: str, cid: str) -> list[dict]:
     """Every stored event."""
     return list_events(client, key, cid, "?limit=1000")["events"]
-
-
-def assert_error(response, status: int, code: str | None = None) -> dict:
-    """A JSON error of API.md with this status; its body."""
-    assert response.status_code == status, response.data
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert set(body) == {"status", "error", "message"}
-    assert body["status"] == "error"
-    assert body["message"]
-    if code is not None:
-        assert body["error"] == code
-    return body
 
 
 # Posting --------------------------------------------------------------------------------------
