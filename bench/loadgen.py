@@ -588,6 +588,14 @@ def redis_clients(port: int) -> int | None:
     return max(0, out.count(b"\n") - 1)
 
 
+def redis_streaming_clients(port: int) -> int | None:
+    """Clients our server opened for streaming (CLIENT SETNAME oh-sse:<pid>:hub-*); 0 for the peers."""
+    out = redis_cmd(port, "CLIENT", "LIST")
+    if out is None:
+        return None
+    return sum(1 for line in out.split(b"\n") if b":hub-" in line)
+
+
 class Meter:
     """CPU / RSS bookkeeping of server tree, Redis and the load generator's own processes."""
 
@@ -734,7 +742,8 @@ async def amain(a) -> dict:
     res["rss"] = {"at_0": rss0, "at_n": rssN}
     if a.clients:
         res["rss"]["per_stream_kb"] = round((rssN - rss0) / a.clients / 1024, 2)
-    res["redis_clients"] = {"at_0": redis0, "at_n": redisN}
+    res["redis_clients"] = {"at_0": redis0, "at_n": redisN,
+                            "streaming_at_n": redis_streaming_clients(a.redis_port)}
     if a.health_url:
         res["healthz_at_n"] = await loop.run_in_executor(None, fetch_json, a.health_url)
 
