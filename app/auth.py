@@ -39,11 +39,13 @@ def split_key(key: str) -> str | None:
 
 
 def _signer() -> TimestampSigner:
+    # Made once per app: the signer derives its key from the secret on construction.
     app = current_app
-    secret = app.config["SECRET_KEY"] or app.extensions.get("signing_secret")
-    if not secret:
-        secret = app.extensions["signing_secret"] = app.extensions["store"].signing_secret()
-    return TimestampSigner(secret, salt="oh-session")
+    signer = app.extensions.get("session_signer")
+    if signer is None:
+        secret = app.config["SECRET_KEY"] or app.extensions["store"].signing_secret()
+        signer = app.extensions["session_signer"] = TimestampSigner(secret, salt="oh-session")
+    return signer
 
 
 def _active_key(key_id: str) -> dict[str, str] | None:

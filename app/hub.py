@@ -293,7 +293,8 @@ class Hub:
                 conv = reading.get(key)
                 if conv is None or self.conversations.get(conv.cid) is not conv or not entries:
                     continue  # the conversation lost its last subscriber while we read
-                items = [(event_id_of(eid), sse.event_frame(event_id_of(eid), fields[b"e"])) for eid, fields in entries]
+                ids = [event_id_of(eid) for eid, _fields in entries]
+                items = [(n, sse.event_frame(n, fields[b"e"])) for n, (_eid, fields) in zip(ids, entries)]
                 conv.position = entries[-1][0].decode()
                 batch = Batch(items)
                 writes += len(conv.subscribers)

@@ -99,6 +99,17 @@ def live_frames(store: Store, sub: Subscriber) -> bytes:
     return b"".join(out)
 
 
+def wait(sub: Subscriber, heartbeat: float) -> bool:
+    """Wait for the hub or the heartbeat; False on the heartbeat. A client gone away ends the stream."""
+    woken = sub.wake.wait(timeout=heartbeat)
+    sub.wake.clear()
+    if sub.readable:
+        sub.readable = False
+        if sub.sock is not None and peer_closed(sub.sock):
+            sub.end("disconnected")
+    return bool(woken)
+
+
 def flush(store: Store, sub: Subscriber) -> None:
     """Write, from the stream's greenlet, what the hub could not write at once, until nothing is left."""
     sub.busy = True
@@ -120,12 +131,7 @@ def follow_direct(store: Store, sub: Subscriber, heartbeat: float) -> None:
     """
     sub.direct = True
     while True:
-        woken = sub.wake.wait(timeout=heartbeat)
-        sub.wake.clear()
-        if sub.readable:
-            sub.readable = False
-            if peer_closed(sub.sock):
-                sub.end("disconnected")
+        woken = wait(sub, heartbeat)
         reason = sub.end_reason
         if reason is not None:
             if reason in ("deleted", "shutdown"):
@@ -156,12 +162,7 @@ def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: f
                 follow_direct(store, sub, heartbeat)
             return
         while True:
-            woken = sub.wake.wait(timeout=heartbeat)
-            sub.wake.clear()
-            if sub.readable:
-                sub.readable = False
-                if sub.sock is not None and peer_closed(sub.sock):
-                    sub.end("disconnected")
+            woken = wait(sub, heartbeat)
             if sub.end_reason is not None:
                 # What is already queued still goes out before a deletion/shutdown ends the stream.
                 if sub.end_reason in ("deleted", "shutdown"):

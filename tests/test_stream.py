@@ -272,11 +272,17 @@ def test_reconnects_during_concurrent_posts_deliver_every_event_exactly_once(ser
         assert ids == list(range(per_conversation)), f"reader {n} of {cid[:6]}: {len(ids)} ids, first gap/dup shown"
 
 
+def raw_request(server, head: str, key: str) -> socket.socket:
+    """A socket that has sent `head` (request line and headers) with the key, for byte-level checks."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(f"{head}\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+    return sock
+
+
 def test_http_1_0_clients_get_the_stream_through_gunicorn(server, api):
     """No chunked encoding on HTTP/1.0: the hub must not write to the socket itself."""
     cid = api.create(initial_user_msg="zero")
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(f"GET {SSE.format(cid)} HTTP/1.0\r\nAuthorization: Bearer {api.key}\r\n\r\n".encode())
+    sock = raw_request(server, f"GET {SSE.format(cid)} HTTP/1.0", api.key)
     raw = b""
     while b"id: 0" not in raw:
         raw += sock.recv(65536)
@@ -292,8 +298,7 @@ def test_http_1_0_clients_get_the_stream_through_gunicorn(server, api):
 
 def test_head_gets_the_stream_headers_and_no_body(server, api):
     cid = api.create(initial_user_msg="zero")
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(f"HEAD {SSE.format(cid)} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api.key}\r\n\r\n".encode())
+    sock = raw_request(server, f"HEAD {SSE.format(cid)} HTTP/1.1\r\nHost: x", api.key)
     raw = b""
     while b"\r\n\r\n" not in raw:
         raw += sock.recv(65536)

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, request
 from .. import sse, validation
 from ..auth import current_caller
 from ..errors import NotFound, ServiceUnavailable, TooManyRequests
-from ..hub import Hub, HubUnavailable, Subscriber, gevent_ready
+from ..hub import LEASE_TTL, Hub, HubUnavailable, Subscriber, gevent_ready
 from ..store import Store
 from . import get_store
 
@@ -44,7 +44,7 @@ def get_hub() -> Hub:
 
 def _acquire_slot(store: Store, user_id: str, connection_id: str) -> None:
     cap = current_app.config["SSE_MAX_STREAMS_PER_USER"]
-    if cap and not store.acquire_stream(user_id, connection_id, cap, time.time(), 30.0):
+    if cap and not store.acquire_stream(user_id, connection_id, cap, time.time(), LEASE_TTL):
         raise TooManyRequests(f"at most {cap} streams may be open per user", headers={"Retry-After": "5"})
 
 
