@@ -1,6 +1,7 @@
 """The SSE wire format (pure functions) and the generator behind every event stream."""
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import Iterator
@@ -16,18 +17,32 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PING = b": ping\n\n"
+# A bare comment line: it keeps proxies from timing the stream out and dispatches nothing. A blank
+# line after it would end an (empty) event block, which httpx-sse and fetch-event-source hand to
+# the application as an event with empty data.
+PING = b": ping\n"
 CATCH_UP_PAGE = 500
 
 
-def retry_frame(retry_ms: int) -> bytes:
-    """The reconnection delay line that opens a stream."""
-    return b"retry: %d\n\n" % retry_ms
+def _json(data: Any) -> bytes:
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        # orjson holds 64-bit integers; a client may resume from a larger id (one with no events).
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def named_event(name: str, data: Any) -> bytes:
     """A named event (`event:` line) with JSON data."""
-    return b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps(data))
+    return b"event: %s\ndata: %s\n\n" % (name.encode(), _json(data))
+
+
+def opening(retry_ms: int, connection: dict[str, Any]) -> bytes:
+    """The first block of a stream: the reconnection delay, then the `connection` event, in one block.
+
+    In a block of its own, `retry:` would be an empty event to the clients that dispatch those.
+    """
+    return b"retry: %d\n%s" % (retry_ms, named_event("connection", connection))
 
 
 def event_frame(event_id: int, data: bytes) -> bytes:

@@ -9,13 +9,22 @@ from app import sse
 from app.store import entry_id, event_id_of
 
 
-@pytest.mark.parametrize(("ms", "frame"), [(3000, b"retry: 3000\n\n"), (0, b"retry: 0\n\n"), (15, b"retry: 15\n\n")])
-def test_retry_frame(ms, frame):
-    assert sse.retry_frame(ms) == frame
+@pytest.mark.parametrize("ms", [3000, 0, 15])
+def test_the_opening_is_the_retry_line_and_the_connection_event_in_one_block(ms):
+    frame = sse.opening(ms, {"type": "connection_established", "latest_event_id": -1})
+    data = b'{"type":"connection_established","latest_event_id":-1}'
+    assert frame == b"retry: %d\nevent: connection\ndata: %s\n\n" % (ms, data)
+    assert frame.count(b"\n\n") == 1  # one block: no empty event before the connection event
 
 
-def test_ping_is_a_comment_line():
-    assert sse.PING == b": ping\n\n"
+def test_the_opening_reports_an_id_beyond_64_bits_exactly():
+    frame = sse.opening(3000, {"latest_event_id": 10**30})
+    assert frame == b'retry: 3000\nevent: connection\ndata: {"latest_event_id":1000000000000000000000000000000}\n\n'
+
+
+def test_ping_is_a_single_comment_line_with_no_blank_line_after_it():
+    assert sse.PING == b": ping\n"
+    assert sse.PING_CHUNK == b"7\r\n: ping\n\r\n"
 
 
 def test_named_event_is_compact_json_on_one_data_line():
@@ -54,13 +63,12 @@ def test_history_truncated():
     assert sse.history_truncated(7) == b'event: history_truncated\ndata: {"earliest_event_id":7}\n\n'
 
 
-def test_frames_parse_back_as_an_event_source_would():
-    """A small parser in the EventSource way: the frames carry what they mean to carry."""
-    body = sse.retry_frame(2500) + sse.named_event("connection", {"a": 1}) + sse.PING \
-        + sse.event_frame(4, b'{"id":4}') + sse.history_truncated(9)
-    blocks = [b for b in body.decode().split("\n\n") if b]
+def dispatched(body: bytes) -> list[dict[str, str]]:
+    """What a client that hands every blank-line-ended block to the application sees (httpx-sse's way)."""
+    blocks = body.decode().split("\n\n")
+    assert blocks[-1] == ""  # everything sent ends its block
     parsed = []
-    for block in blocks:
+    for block in blocks[:-1]:
         fields: dict[str, str] = {}
         for line in block.split("\n"):
             if line.startswith(":"):
@@ -68,14 +76,21 @@ def test_frames_parse_back_as_an_event_source_would():
             name, _, value = line.partition(": ")
             fields[name] = value
         parsed.append(fields)
+    return parsed
+
+
+def test_frames_parse_back_with_no_empty_event():
+    """Pings between events and the opening's retry line make no block of their own."""
+    body = sse.opening(2500, {"a": 1}) + sse.PING + sse.PING \
+        + sse.event_frame(4, b'{"id":4}') + sse.PING + sse.history_truncated(9)
+    parsed = dispatched(body)
     assert parsed == [
-        {"retry": "2500"},
-        {"event": "connection", "data": '{"a":1}'},
-        {},
+        {"retry": "2500", "event": "connection", "data": '{"a":1}'},
         {"id": "4", "data": '{"id":4}'},
         {"event": "history_truncated", "data": '{"earliest_event_id":9}'},
     ]
-    assert json.loads(parsed[4]["data"]) == {"earliest_event_id": 9}
+    assert all(block.get("data") for block in parsed)  # every dispatched block parses as JSON
+    assert json.loads(parsed[2]["data"]) == {"earliest_event_id": 9}
 
 
 # Event n is stream entry "{n+1}-0": entry ids start at 1-0 (Redis refuses 0-0).

@@ -83,7 +83,7 @@ def stream_events(cid: str) -> Response:
         hub.subscribe(sub)
     except HubUnavailable as err:
         raise ServiceUnavailable(str(err), headers={"Retry-After": "1"}) from None
-    opening = sse.retry_frame(config["SSE_RETRY_MS"]) + sse.named_event("connection", {
+    opening = sse.opening(config["SSE_RETRY_MS"], {
         "type": "connection_established",
         "connection_id": connection_id,
         "conversation_id": cid,
