@@ -8,7 +8,8 @@ import pytest
 
 from app import create_app
 
-from .conftest import assert_error, assert_no_trace, bearer
+from .conftest import assert_error, assert_no_trace, bearer, create
+from .servers import RedisServer, wait_until
 
 
 @pytest.fixture()
@@ -219,13 +220,39 @@ def test_redis_that_does_not_answer_is_503(silent_redis, app, make_key):
         hung.extensions["redis"].connection_pool.disconnect()
 
 
-def test_the_app_recovers_when_redis_is_back(redis_server, app, make_key, client):
-    """The pool's connections survive an outage: a client killed server-side is reconnected."""
-    key = make_key("alice")
-    assert client.get("/api/conversations", headers=bearer(key)).status_code == 200
-    admin = app.extensions["redis"]
-    admin.client_kill_filter(_type="normal", skipme=False)
-    assert client.get("/api/conversations", headers=bearer(key)).status_code == 200
+def test_the_app_recovers_when_redis_is_back(tmp_path):
+    """A real outage of a Redis of the test's own: 503s while it is down, then the same app (same pool) answers."""
+    own = RedisServer(tmp_path / "redis-recovers", appendonly=True).start()  # the data survives its restart
+    # The smallest pool: one connection lost to the outage (never given back) would show at once.
+    app = create_app({"REDIS_URL": own.url, "REDIS_TIMEOUT_SECONDS": 0.5, "REDIS_POOL_SIZE": 2, "TESTING": True})
+    pool = app.extensions["redis"].connection_pool
+    try:
+        key = app.extensions["store"].create_api_key("alice")[1]
+        client = app.test_client()
+        cid = create(client, key, initial_user_msg="before")
+        assert client.get(f"/api/conversations/{cid}", headers=bearer(key)).status_code == 200
+
+        own.stop()
+        # Every route, with the key and with the cookie the client now holds, answers 503 at once.
+        for method, path, kwargs in every_route() + [("GET", f"/api/conversations/{cid}/events", {})]:
+            started = time.monotonic()
+            assert_503(client.open(path, method=method, headers=bearer(key), **kwargs))
+            assert time.monotonic() - started < 3, (method, path)
+        assert_503(client.get(f"/api/conversations/{cid}"))  # the cookie alone
+
+        own.start()  # the same port: the app is not told, its pool must find Redis again
+        wait_until(lambda: client.get(f"/api/conversations/{cid}", headers=bearer(key)).status_code == 200, 10,
+                   what="the app answering again")
+        assert app.extensions["redis"].connection_pool is pool
+        events = client.get(f"/api/conversations/{cid}/events", headers=bearer(key)).get_json()["events"]
+        assert [e["content"] for e in events] == ["before"]
+        posted = client.post(f"/api/conversations/{cid}/events", headers=bearer(key),
+                             json={"type": "user_message", "content": "after"})
+        assert posted.status_code == 200 and posted.get_json()["event_id"] == 1
+        assert client.get(f"/api/conversations/{cid}").status_code == 200  # the cookie works again too
+    finally:
+        pool.disconnect()
+        own.stop()
 
 
 # Health -----------------------------------------------------------------------------------------
