@@ -8,6 +8,7 @@ from itsdangerous import TimestampSigner
 
 from app import create_app
 from app.auth import COOKIE_NAME
+from app.store import conv_events_key, conv_meta_key
 
 from .conftest import bearer, create
 
@@ -387,6 +388,33 @@ def test_keys_are_long_and_random(make_key):
 # Another user's conversation is 404 -----------------------------------------------------------
 
 
+def redis_snapshot(redis_client) -> dict[bytes, tuple]:
+    """Every key in the tests' Redis with its type, its whole content and whether it expires."""
+    readers = {
+        b"string": redis_client.get,
+        b"hash": redis_client.hgetall,
+        b"list": lambda name: redis_client.lrange(name, 0, -1),
+        b"set": redis_client.smembers,
+        b"zset": lambda name: redis_client.zrange(name, 0, -1, withscores=True),
+        b"stream": redis_client.xrange,
+    }
+    snapshot = {}
+    for name in redis_client.scan_iter("*"):
+        kind = redis_client.type(name)
+        snapshot[name] = (kind, readers[kind](name), redis_client.pttl(name) >= 0)
+    return snapshot
+
+
+def assert_untouched(redis_client, before: dict[bytes, tuple], cid: str, events: int) -> None:
+    """Nothing in Redis changed since `before`; the conversation still holds exactly `events` events."""
+    assert redis_client.xlen(conv_events_key(cid)) == events
+    assert redis_client.hget(conv_meta_key(cid), "last_event_id") == str(events - 1).encode()
+    after = redis_snapshot(redis_client)
+    assert after.keys() == before.keys()
+    for name, state in before.items():
+        assert after[name] == state, name
+
+
 def test_another_users_conversation_is_404_on_every_route(app, make_key, redis_client):
     alice, bob = make_key("alice"), make_key("bob")
     cid = create(app.test_client(), alice, initial_user_msg="secret plan", repository="acme/app")
@@ -395,16 +423,24 @@ def test_another_users_conversation_is_404_on_every_route(app, make_key, redis_c
         ("GET", f"/api/conversations/{cid}", {}),
         ("DELETE", f"/api/conversations/{cid}", {}),
         ("POST", f"/api/conversations/{cid}/events", {"json": {"type": "user_message", "content": "hijack"}}),
+        ("POST", f"/api/conversations/{cid}/events", {"json": {"action": "message", "args": {"content": "hijack"}},
+                                                      "headers": {"Idempotency-Key": "bob-1"}}),
         ("GET", f"/api/conversations/{cid}/events", {}),
         ("GET", f"/api/conversations/{cid}/events?start_id=0&limit=5", {}),
+        ("DELETE", f"/api/conversations/{cid}", {}),
     ]
     unknown = app.test_client().get("/api/conversations/doesnotexist", headers=bearer(bob)).get_json()
+    before = redis_snapshot(redis_client)
+    assert conv_meta_key(cid).encode() in before and conv_events_key(cid).encode() in before
     for method, path, kwargs in routes:
-        response = bob_client.open(path, method=method, headers=bearer(bob), **kwargs)
+        headers = {**bearer(bob), **kwargs.pop("headers", {})}
+        response = bob_client.open(path, method=method, headers=headers, **kwargs)
         assert response.status_code == 404, (method, path, response.data)
         # The same answer as for an id that does not exist at all: nothing is revealed.
         assert response.get_json() == unknown
         assert b"secret plan" not in response.data
+    # Nothing was written: not an event, not a key, not a field (checked on Redis itself).
+    assert_untouched(redis_client, before, cid, events=1)
     # Bob's listing does not show it, and nothing of Alice's changed.
     assert bob_client.get("/api/conversations", headers=bearer(bob)).get_json() == {
         "results": [], "next_page_id": None,
@@ -414,15 +450,26 @@ def test_another_users_conversation_is_404_on_every_route(app, make_key, redis_c
     assert mine.get_json()["last_event_id"] == 0
     events = app.test_client().get(f"/api/conversations/{cid}/events", headers=bearer(alice)).get_json()
     assert [e["content"] for e in events["events"]] == ["secret plan"]
+    assert_untouched(redis_client, before, cid, events=1)
 
 
-def test_another_users_idempotency_key_does_not_reach_the_conversation(app, make_key):
+def test_another_users_idempotency_key_does_not_reach_the_conversation(app, make_key, redis_client):
     alice, bob = make_key("alice"), make_key("bob")
     cid = create(app.test_client(), alice)
     body = {"type": "user_message", "content": "hi"}
     first = app.test_client().post(f"/api/conversations/{cid}/events", json=body,
                                    headers={**bearer(alice), "Idempotency-Key": "k1"})
     assert first.status_code == 200
-    replay = app.test_client().post(f"/api/conversations/{cid}/events", json=body,
-                                    headers={**bearer(bob), "Idempotency-Key": "k1"})
-    assert replay.status_code == 404
+    before = redis_snapshot(redis_client)
+    # Alice's key with her body, with another body, and a fresh key: none reaches her conversation.
+    for idem, sent in (("k1", body), ("k1", {"type": "user_message", "content": "other"}), ("k2", body)):
+        replay = app.test_client().post(f"/api/conversations/{cid}/events", json=sent,
+                                        headers={**bearer(bob), "Idempotency-Key": idem})
+        assert replay.status_code == 404, (idem, replay.data)
+        assert b'"event_id"' not in replay.data
+    assert_untouched(redis_client, before, cid, events=1)
+    # Alice's own retry still gets her answer, and adds nothing either.
+    again = app.test_client().post(f"/api/conversations/{cid}/events", json=body,
+                                   headers={**bearer(alice), "Idempotency-Key": "k1"})
+    assert again.status_code == 200 and again.get_json() == first.get_json()
+    assert_untouched(redis_client, before, cid, events=1)
