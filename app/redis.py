@@ -7,15 +7,55 @@ from typing import Any
 import redis
 from flask import Flask, current_app
 from redis.backoff import ExponentialBackoff
+from redis.connection import AbstractConnection, parse_url
 from redis.retry import Retry
 
-# A command that fails on a dead pooled connection is retried once on a fresh one: enough to ride
-# over a Redis restart, short enough that a client gets its 503 within a second when Redis is down.
-_RETRY_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+class ConnectFailed(redis.exceptions.ConnectionError):
+    """Connecting, or the health check before a command, failed: no command of ours reached Redis."""
+
+
+class _RetryOnlyBeforeSending:
+    """A connection whose errors before a command is sent are ConnectFailed, and only those are retried.
+
+    redis-py re-sends a command on any ConnectionError or TimeoutError, whether or not Redis ran it:
+    a lost reply to an append would store the event twice. A failure to connect (or of the PING
+    health check that precedes a command on an idle connection) is safe to retry; once a command is
+    on the wire, an error is the caller's to handle (a 503: the write may or may not have run).
+    """
+
+    def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        except ConnectFailed:
+            raise
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+            raise ConnectFailed(str(err)) from err
+
+    def check_health(self) -> None:
+        try:
+            super().check_health()  # type: ignore[misc]
+        except ConnectFailed:
+            raise
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+            raise ConnectFailed(str(err)) from err
+
+
+_SAFE_CLASSES: dict[type, type] = {}
+
+
+def safe_connection_class(url: str) -> type[AbstractConnection]:
+    """The connection class `url` asks for (TCP, TLS, unix socket), retrying only before sending."""
+    base = parse_url(url).get("connection_class", redis.Connection)
+    if base not in _SAFE_CLASSES:
+        _SAFE_CLASSES[base] = type(f"RetryBeforeSending{base.__name__}", (_RetryOnlyBeforeSending, base), {})
+    return _SAFE_CLASSES[base]
 
 
 def _retry() -> Retry:
-    return Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=_RETRY_ERRORS)
+    # One more try after a failed connect: rides over a Redis restart, and a client still gets its
+    # 503 within a second when Redis is down.
+    return Retry(ExponentialBackoff(cap=0.2, base=0.05), 1, supported_errors=(ConnectFailed,))
 
 
 def connection_name(role: str) -> str:
@@ -27,6 +67,7 @@ def make_pool(url: str, size: int, timeout: float) -> redis.ConnectionPool:
     """A pool that waits (bounded) for a free connection instead of opening more than `size`."""
     return redis.BlockingConnectionPool.from_url(
         url,
+        connection_class=safe_connection_class(url),
         client_name=connection_name("pool"),
         max_connections=size,
         timeout=timeout,
