@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
+from pathlib import Path
 
 from flask import Flask, Response, current_app, g, request
 from itsdangerous import BadSignature, TimestampSigner
 
+from .config import secret_from_file
 from .errors import Unauthorized
 from .store import KEY_PREFIX, hash_secret
 
@@ -39,13 +41,7 @@ def split_key(key: str) -> str | None:
 
 
 def _signer() -> TimestampSigner:
-    # Made once per app: the signer derives its key from the secret on construction.
-    app = current_app
-    signer = app.extensions.get("session_signer")
-    if signer is None:
-        secret = app.config["SECRET_KEY"] or app.extensions["store"].signing_secret()
-        signer = app.extensions["session_signer"] = TimestampSigner(secret, salt="oh-session")
-    return signer
+    return current_app.extensions["session_signer"]
 
 
 def _active_key(key_id: str) -> dict[str, str] | None:
@@ -89,6 +85,10 @@ def current_caller() -> Caller:
 
 def init_app(app: Flask) -> None:
     """Authenticate every /api request; mint the session cookie on 2xx answers to Bearer callers."""
+    # Made once, at start: minting a cookie then needs no I/O, so it cannot fail after a request
+    # has stored something (and the signer derives its key from the secret only once).
+    secret = app.config["SECRET_KEY"] or secret_from_file(Path(app.config["SECRET_KEY_FILE"]))
+    app.extensions["session_signer"] = TimestampSigner(secret, salt="oh-session")
 
     @app.before_request
     def _require_caller() -> None:

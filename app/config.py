@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_REDIS_SOCKET = PROJECT_ROOT / "var" / "redis.sock"
+SECRET_KEY_FILE = PROJECT_ROOT / "var" / "secret_key"
 
 
 class ConfigError(ValueError):
@@ -72,7 +74,12 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         "4", _float(0), "after writing an event to 200+ streams, wait this long to batch the next; 0: never",
     ),
     "PROVIDERS": ("github,gitlab,bitbucket", _providers, "provider types accepted in providers_set"),
-    "SECRET_KEY": ("", _str, "signs session cookies; empty: a random key kept in Redis"),
+    "SECRET_KEY": (
+        "", _str, "signs session cookies; the same on every host. Empty: the one in SECRET_KEY_FILE",
+    ),
+    "SECRET_KEY_FILE": (
+        str(SECRET_KEY_FILE), _str, "where the cookie secret is kept when SECRET_KEY is empty (made if missing)",
+    ),
     "SESSION_MAX_AGE_SECONDS": ("604800", _int(60), "lifetime of the session cookie"),
 }
 
@@ -95,3 +102,34 @@ def redacted_url(url: str) -> str:
         user = creds.split(":", 1)[0]
         return f"{scheme}://{user + ':' if user else ''}***@{host}"
     return url
+
+
+def secret_from_file(path: Path) -> str:
+    """The secret kept in `path`, made first (random, mode 0600) if there is none.
+
+    Every worker of a host reads the same file, so they agree whatever happens to Redis; the
+    file is made under a temporary name and linked into place, so two workers starting at once
+    end up with the same secret.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(48) + "\n")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another worker made it first: use theirs
+            finally:
+                tmp.unlink()
+        secret = path.read_text().strip()
+    except OSError as err:
+        raise ConfigError(
+            f"SECRET_KEY is empty and the cookie secret file {path} cannot be made or read ({err.strerror}); "
+            "set SECRET_KEY, or SECRET_KEY_FILE to a writable path"
+        ) from None
+    if not secret:
+        raise ConfigError(f"the cookie secret file {path} is empty; delete it to make a new one, or set SECRET_KEY")
+    return secret

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from itsdangerous import TimestampSigner
 
 from app import create_app
 from app.auth import COOKIE_NAME
+from app.config import secret_from_file
 from app.store import conv_events_key, conv_meta_key
 
 from .conftest import bearer, create
@@ -274,11 +276,9 @@ def test_a_tampered_cookie_is_401(app, make_key, tamper):
     assert_401(cookie_only_client(app, tamper(cookie)).get("/api/conversations"))
 
 
-def test_an_expired_cookie_is_401(app, make_key, redis_client):
+def test_an_expired_cookie_is_401(app, make_key):
     key = make_key("alice")
-    app.test_client().get("/api/conversations", headers=bearer(key))  # makes the signing secret
-    secret = redis_client.get("app:secret_key")
-    assert secret
+    secret = secret_from_file(Path(app.config["SECRET_KEY_FILE"])).encode()
 
     class Past(TimestampSigner):
         def get_timestamp(self) -> int:
@@ -297,8 +297,8 @@ def test_a_cookie_signed_with_another_secret_is_401(app, make_key):
     assert_401(cookie_only_client(app, forged).get("/api/conversations"))
 
 
-def test_cookies_work_across_workers_sharing_redis(app, redis_server, make_key):
-    """Every worker signs with the secret kept in Redis, so a cookie from one works in another."""
+def test_cookies_work_across_workers_of_a_host(app, redis_server, make_key, redis_client):
+    """Every worker signs with the secret in SECRET_KEY_FILE, so a cookie from one works in another."""
     key = make_key("alice")
     cookie = session_cookie(app.test_client().get("/api/conversations", headers=bearer(key)))
     other = create_app({"REDIS_URL": redis_server.url, "TESTING": True})
@@ -306,6 +306,7 @@ def test_cookies_work_across_workers_sharing_redis(app, redis_server, make_key):
         assert cookie_only_client(other, cookie).get("/api/conversations").status_code == 200
     finally:
         other.extensions["redis"].connection_pool.disconnect()
+    assert not [k for k in redis_client.keys("*") if b"secret" in k]  # nothing of it lives in Redis
 
 
 def test_a_configured_secret_key_signs_the_cookies(redis_server, redis_client):
