@@ -14,9 +14,8 @@ from typing import Any
 import orjson
 import redis
 
-from .errors import BadRequest, Conflict, NotFound
+from .errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 
-SECRET_KEY_KEY = "app:secret_key"
 KEY_PREFIX = "ohk_"
 
 
@@ -30,9 +29,19 @@ def conv_events_key(cid: str) -> str:
     return f"conv:{{{cid}}}:events"
 
 
-def idempotency_key(cid: str, digest: str) -> str:
-    """Remembered answer to a POST made with an Idempotency-Key (hashed)."""
-    return f"conv:{{{cid}}}:idem:{digest}"
+def idempotency_key(cid: str) -> str:
+    """Hash of the remembered answers to POSTs made with an Idempotency-Key (hashed key -> answer)."""
+    return f"conv:{{{cid}}}:idem"
+
+
+def idempotency_expiry_key(cid: str) -> str:
+    """Sorted set of when each remembered answer expires (hashed key -> unix time)."""
+    return f"conv:{{{cid}}}:idem:exp"
+
+
+def conversation_keys(cid: str) -> list[str]:
+    """Every key that holds something of a conversation (deleting them deletes it)."""
+    return [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid), idempotency_expiry_key(cid)]
 
 
 def user_conversations_key(uid: str) -> str:
@@ -82,15 +91,33 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+# Event ids go up to HINCRBY's limit; a larger id is valid to ask for, and has no events ever.
+MAX_EVENT_ID = 2**63 - 1
+# A create is made in three steps (the conversation's keys and the owner's index are in different
+# slots on a Cluster): until the last one, the conversation is invisible and expires by itself.
+CREATE_PENDING_TTL = 60
+
 # One round trip per append: ownership, idempotency, id, event, retention and the answer record.
-# KEYS: meta, events, idempotency record. ARGV: owner ('' skips the check), event JSON without its
-# opening '{' and without "id", retention (0: keep all), use-idempotency flag, TTL, body digest.
+# KEYS: meta, events, idempotency answers, their expiry. ARGV: owner ('' skips the check), event
+# JSON without its opening '{' and without "id", retention (0: keep all), hashed Idempotency-Key
+# ('' for none), its TTL, body digest. A retry of the same call after a lost reply is answered
+# from the record, so only an append made without a key can be stored twice, and only when its
+# caller re-sends it (the pool never does: see redis.py).
 APPEND_LUA = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {-1} end
-if ARGV[4] == '1' then
-  local prev = redis.call('GET', KEYS[3])
-  if prev then return {-2, prev} end
+if redis.call('HEXISTS', KEYS[1], 'pending') == 1 then return {-1} end
+local now = tonumber(redis.call('TIME')[1])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 16)
+if #expired > 0 then
+  redis.call('HDEL', KEYS[3], unpack(expired))
+  redis.call('ZREM', KEYS[4], unpack(expired))
+end
+local field = ARGV[4]
+if field ~= '' then
+  local prev = redis.call('HGET', KEYS[3], field)
+  local until_ = redis.call('ZSCORE', KEYS[4], field)
+  if prev and until_ and tonumber(until_) > now then return {-2, prev} end
 end
 local n = redis.call('HINCRBY', KEYS[1], 'last_event_id', 1)
 local data = '{"id":' .. n .. ',' .. ARGV[2]
@@ -100,24 +127,57 @@ if retention > 0 then
 else
   redis.call('XADD', KEYS[2], (n + 1) .. '-0', 'e', data)
 end
-if ARGV[4] == '1' then
-  redis.call('SET', KEYS[3], n .. ':' .. ARGV[6], 'EX', tonumber(ARGV[5]))
+if field ~= '' then
+  local expiry = now + tonumber(ARGV[5])
+  redis.call('HSET', KEYS[3], field, n .. ':' .. ARGV[6])
+  redis.call('ZADD', KEYS[4], expiry, field)
+  -- Both go by themselves with the newest record, so an idle conversation keeps none for long.
+  redis.call('EXPIREAT', KEYS[3], expiry)
+  redis.call('EXPIREAT', KEYS[4], expiry)
 end
 return {n}
 """
 
-# KEYS: user sequence, user conversations. ARGV: conversation id.
+# Step 1 of a create. KEYS: meta, events. ARGV: pending TTL, event 0 JSON tail ('' for none), then
+# the metadata as field, value pairs. Re-run after a lost reply, it finds its own work and stops
+# (ids are 192 random bits: no one else makes this conversation).
+CREATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'pending', '1', unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'last_event_id', 0)
+  redis.call('XADD', KEYS[2], '1-0', 'e', '{"id":0,' .. ARGV[2])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+end
+return 1
+"""
+
+# Step 2: the owner's index. KEYS: user sequence, user conversations. ARGV: conversation id.
+# Idempotent: a conversation already indexed keeps its place.
 INDEX_LUA = """
-local seq = redis.call('INCR', KEYS[1])
+local seq = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if seq then return tonumber(seq) end
+seq = redis.call('INCR', KEYS[1])
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 return seq
 """
 
-# KEYS: meta, events. ARGV: owner. Deletes the conversation if it is the owner's.
+# Step 3: the conversation becomes visible and permanent. KEYS: meta, events. ARGV: owner.
+# 0 if it expired meanwhile (the create took longer than its pending TTL). Idempotent.
+COMMIT_LUA = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'pending')
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[2])
+return 1
+"""
+
+# KEYS: every key of the conversation, meta first. ARGV: owner. Deletes it if it is the owner's.
 DELETE_LUA = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner or owner ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', unpack(KEYS))
 return 1
 """
 
@@ -143,7 +203,9 @@ class Store:
         self.retention = retention
         self.idempotency_ttl = idempotency_ttl
         self._append = client.register_script(APPEND_LUA)
+        self._create = client.register_script(CREATE_LUA)
         self._index = client.register_script(INDEX_LUA)
+        self._commit = client.register_script(COMMIT_LUA)
         self._delete = client.register_script(DELETE_LUA)
         self._acquire_stream = client.register_script(ACQUIRE_STREAM_LUA)
 
@@ -158,24 +220,33 @@ class Store:
         self, owner: str, cid: str, *, repository: str | None, branch: str | None, title: str,
         initial_user_msg: str | None,
     ) -> None:
-        """Create a conversation (with its first user message as event 0)."""
-        created = now_iso()
-        meta = {"owner": owner, "title": title, "created_at": created, "last_event_id": -1}
+        """Create a conversation (with its first user message as event 0).
+
+        Three idempotent steps, each safe to re-run: the conversation (invisible, expiring), the
+        owner's index, then the commit that makes it visible. Cut off before the commit, what was
+        made expires within CREATE_PENDING_TTL and the index entry is dropped by the next listing.
+        """
+        meta: list[Any] = ["owner", owner, "title", title, "created_at", now_iso(), "last_event_id", -1]
         if repository is not None:
-            meta["repository"] = repository
+            meta += ["repository", repository]
         if branch is not None:
-            meta["selected_branch"] = branch
-        # One round trip: the metadata, the owner's index and event 0 (the id is new, so no race).
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(conv_meta_key(cid), mapping=meta)
-        self._index(keys=[user_sequence_key(owner), user_conversations_key(owner)], args=[cid], client=pipe)
-        if initial_user_msg:
-            keys, args = self._append_call(owner, cid, {"type": "user_message", "content": initial_user_msg}, "user")
-            self._append(keys=keys, args=args, client=pipe)
-        pipe.execute()
+            meta += ["selected_branch", branch]
+        first = self._event_json({"type": "user_message", "content": initial_user_msg}, "user") if initial_user_msg \
+            else b"{"
+        keys = [conv_meta_key(cid), conv_events_key(cid)]
+        self._create(keys=keys, args=[CREATE_PENDING_TTL, first[1:], *meta])
+        self._index(keys=[user_sequence_key(owner), user_conversations_key(owner)], args=[cid])
+        if not self._commit(keys=keys, args=[owner]):
+            self.redis.zrem(user_conversations_key(owner), cid)
+            raise ServiceUnavailable("the conversation could not be created in time; retry",
+                                     code="redis_unavailable", headers={"Retry-After": "1"})
+
+    @staticmethod
+    def _visible(meta: dict[bytes, bytes], owner: str) -> bool:
+        return bool(meta) and meta.get(b"owner", b"").decode() == owner and b"pending" not in meta
 
     def _check_owner(self, meta: dict[bytes, bytes], owner: str) -> None:
-        if not meta or meta.get(b"owner", b"").decode() != owner:
+        if not self._visible(meta, owner):
             raise NotFound("no such conversation")
 
     def get_conversation(self, owner: str, cid: str) -> dict[str, Any]:
@@ -207,26 +278,38 @@ class Store:
         results, gone = [], []
         for (member, _score), meta in zip(page, pipe.execute()):
             cid = member.decode()
-            if meta and meta.get(b"owner", b"").decode() == owner:
+            if self._visible(meta, owner):
                 results.append(self._public(cid, meta))
-            else:
+            elif not meta:  # deleted between the index read and the meta read, or a create cut off
                 gone.append(member)
-        if gone:  # deleted between the index read and the meta read, or a half-made create
+        if gone:
             self.redis.zrem(index, *gone)
         next_page = int(page[-1][1]) if more and page else None
         return results, next_page
 
     def delete_conversation(self, owner: str, cid: str) -> None:
-        """Delete the owner's conversation and its events; NotFound otherwise."""
-        if not self._delete(keys=[conv_meta_key(cid), conv_events_key(cid)], args=[owner]):
+        """Delete the owner's conversation, every key of it, and its index entry; NotFound otherwise."""
+        deleted = self._delete(keys=conversation_keys(cid), args=[owner])
+        # Still in the owner's index after the keys are gone: a retry of a delete whose answer was
+        # lost (or a create cut off). It was theirs and it is gone now, which is what they asked.
+        unindexed = self.redis.zrem(user_conversations_key(owner), cid)
+        if not deleted and not unindexed:
             raise NotFound("no such conversation")
-        self.redis.zrem(user_conversations_key(owner), cid)
 
     def conversation_owner(self, cid: str) -> str | None:
-        """The owner of a conversation, or None when there is none."""
-        return _text(self.redis.hget(conv_meta_key(cid), "owner"))
+        """The owner of a visible conversation, or None when there is none."""
+        owner, pending = self.redis.hmget(conv_meta_key(cid), "owner", "pending")
+        return _text(owner) if pending is None else None
 
     # Events -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _event_json(fields: dict[str, Any], source: str) -> bytes:
+        # Made here, in posted field order; the scripts splice the id in front.
+        try:
+            return orjson.dumps({"timestamp": now_iso(), "source": source, **fields})
+        except orjson.JSONEncodeError as err:  # lone surrogates, nesting deeper than 254
+            raise BadRequest(f"the action cannot be stored as JSON: {err}", code="invalid_json") from None
 
     def append_event(
         self,
@@ -242,8 +325,11 @@ class Store:
         `owner` None skips the ownership check (the agent runtime writes to any conversation).
         `idempotency` is (hashed Idempotency-Key, digest of the body).
         """
-        keys, args = self._append_call(owner, cid, fields, source, idempotency)
-        result = self._append(keys=keys, args=args)
+        idem_key, digest = idempotency if idempotency else ("", "")
+        keys = [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid), idempotency_expiry_key(cid)]
+        body = self._event_json(fields, source)
+        result = self._append(keys=keys, args=[owner or "", body[1:], self.retention, idem_key, self.idempotency_ttl,
+                                               digest])
         if result[0] == -1:
             raise NotFound("no such conversation")
         if result[0] == -2:
@@ -253,32 +339,23 @@ class Store:
             return int(prev_id), True
         return int(result[0]), False
 
-    def _append_call(
-        self, owner: str | None, cid: str, fields: dict[str, Any], source: str,
-        idempotency: tuple[str, str] | None = None,
-    ) -> tuple[list[str], list[Any]]:
-        # The event JSON is made here, in posted field order; the script splices the id in front.
-        try:
-            body = orjson.dumps({"timestamp": now_iso(), "source": source, **fields})
-        except orjson.JSONEncodeError as err:  # lone surrogates, nesting deeper than 254
-            raise BadRequest(f"the action cannot be stored as JSON: {err}", code="invalid_json") from None
-        idem_key, digest = idempotency if idempotency else ("", "")
-        keys = [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid, idem_key)]
-        args = [owner or "", body[1:], self.retention, "1" if idempotency else "0", self.idempotency_ttl, digest]
-        return keys, args
-
     def list_events(self, owner: str, cid: str, start_id: int, limit: int) -> tuple[list[bytes], bool]:
         """Stored event JSON from `start_id` on (at most `limit`) and whether more follow."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hget(conv_meta_key(cid), "owner")
-        pipe.xrange(conv_events_key(cid), min=entry_id(start_id), max="+", count=limit + 1)
-        found_owner, entries = pipe.execute()
-        if found_owner is None or found_owner.decode() != owner:
+        pipe.hmget(conv_meta_key(cid), "owner", "pending")
+        # Past the largest possible id there is nothing (and Redis would refuse the entry id).
+        pipe.xrange(conv_events_key(cid), min=entry_id(min(start_id, MAX_EVENT_ID)), max="+", count=limit + 1)
+        (found_owner, pending), entries = pipe.execute()
+        if found_owner is None or found_owner.decode() != owner or pending is not None:
             raise NotFound("no such conversation")
+        if start_id > MAX_EVENT_ID:
+            return [], False
         return [fields[b"e"] for _eid, fields in entries[:limit]], len(entries) > limit
 
     def read_after(self, cid: str, after_id: int, count: int) -> list[tuple[int, bytes]]:
         """Up to `count` events after `after_id`, as (event id, stored JSON)."""
+        if after_id >= MAX_EVENT_ID:
+            return []
         entries = self.redis.xrange(conv_events_key(cid), min=entry_id(after_id + 1), max="+", count=count)
         return [(event_id_of(eid), fields[b"e"]) for eid, fields in entries]
 
@@ -321,11 +398,6 @@ class Store:
             if rec:
                 rows.append({"key_id": key_id, **{k.decode(): v.decode() for k, v in rec.items() if k != b"hash"}})
         return sorted(rows, key=lambda row: row["created_at"])
-
-    def signing_secret(self) -> str:
-        """The cookie-signing secret shared by every worker (made once, kept in Redis)."""
-        self.redis.set(SECRET_KEY_KEY, secrets.token_urlsafe(48), nx=True)
-        return self.redis.get(SECRET_KEY_KEY).decode()
 
     # Stream leases (per-user cap across workers) ------------------------------------------
 
