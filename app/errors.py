@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import orjson
 import redis.exceptions
@@ -92,7 +93,58 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return json_response({"status": "error", "error": code, "message": message}, status, headers)
 
 
+# What the stream loops wait out (no connection, no answer, LOADING); redis_unavailable() covers more.
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+
+# Redis error codes that mean "the store cannot take this now, retry": (machine code, message).
+# The messages are fixed text: Redis's own carry hosts, script names and posted data.
+_UNAVAILABLE = {
+    "OOM": ("redis_out_of_memory", "the event store is out of memory and refuses writes; retry later"),
+    "READONLY": ("redis_read_only", "the event store is a read-only replica now (as after a failover); retry shortly"),
+    "LOADING": ("redis_loading", "the event store is loading its data after a restart; retry shortly"),
+    "MASTERDOWN": ("redis_master_down", "the event store lost its link to its primary; retry shortly"),
+    "NOREPLICAS": ("redis_no_replicas", "the event store has too few replicas to accept writes; retry shortly"),
+    "CLUSTERDOWN": ("redis_cluster_down", "the event store cluster is down; retry shortly"),
+    "TRYAGAIN": ("redis_try_again", "the event store is moving this data between nodes; retry shortly"),
+    "BUSY": ("redis_busy", "the event store is busy with a long-running script; retry shortly"),
+}
+_UNREACHABLE = ("redis_unavailable", "the event store is unreachable; retry shortly")
+
+# The classes redis-py makes of those codes; subclasses first (MasterDownError is a ClusterDownError,
+# BusyLoadingError a ConnectionError).
+_CLASS_CODES: tuple[tuple[type[BaseException], str], ...] = (
+    (redis.exceptions.BusyLoadingError, "LOADING"),
+    (redis.exceptions.MasterDownError, "MASTERDOWN"),
+    (redis.exceptions.ClusterDownError, "CLUSTERDOWN"),
+    (redis.exceptions.TryAgainError, "TRYAGAIN"),
+    (redis.exceptions.OutOfMemoryError, "OOM"),
+    (redis.exceptions.ReadOnlyError, "READONLY"),
+)
+# redis-py's pipeline prefix: greedy, so a posted ") of pipeline caused error: " cannot end it early.
+_PIPELINE = re.compile(r"Command # \d+ \(.*\) of pipeline caused error: ", re.S)
+# Redis 6.2 wraps an error inside EVALSHA as a plain ERR; its own checks (OOM, READONLY, NOREPLICAS)
+# keep their "-". Redis 7 keeps the code first and appends " script: <sha>, on @user_script:N.".
+_SCRIPT = re.compile(r"(?:ERR )?Error running script \(call to [^)]*\): (?:@\w+: ?\d+: )*-?")
+_CODE = re.compile(r"[A-Z]+\b")
+
+
+def redis_unavailable(err: BaseException) -> tuple[str, str] | None:
+    """(machine code, message) if `err` means the store cannot serve now and a retry may work, else None."""
+    for cls, code in _CLASS_CODES:
+        if isinstance(err, cls):
+            return _UNAVAILABLE[code]
+    if isinstance(err, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return _UNREACHABLE
+    if not isinstance(err, redis.exceptions.ResponseError) or not err.args:
+        return None
+    # Codes redis-py does not know (NOREPLICAS, BUSY) and wrapped script errors are plain ResponseErrors.
+    message = str(err.args[0])
+    if match := _PIPELINE.match(message):
+        message = message[match.end():]
+    if match := _SCRIPT.match(message):
+        message = message[match.end():]
+    code = _CODE.match(message)
+    return _UNAVAILABLE.get(code.group()) if code else None
 
 
 def init_app(app: Flask) -> None:
@@ -114,11 +166,11 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(redis.exceptions.RedisError)
     def _redis_error(err: redis.exceptions.RedisError) -> Response:
-        if isinstance(err, REDIS_DOWN):
-            log.warning("Redis unavailable: %s", type(err).__name__)
-            return error_response(
-                503, "redis_unavailable", "the event store is unreachable; retry shortly", {"Retry-After": "1"}
-            )
+        unavailable = redis_unavailable(err)
+        if unavailable is not None:
+            code, message = unavailable
+            log.warning("Redis unavailable (%s): %s", code, type(err).__name__)
+            return error_response(503, code, message, {"Retry-After": "1"})
         log.exception("Redis error")
         return error_response(500, "internal_error", "internal error")
 
