@@ -17,19 +17,27 @@ USER_ID = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 SERVER_FIELDS = ("id", "timestamp", "source")
 MAX_BRANCH = 255
 MAX_IDEMPOTENCY_KEY = 255
+# Python converts at most 4300 digits (a guard against quadratic work); no bound of ours is near.
+MAX_DIGITS = 4000
 
 
 def parse_int(name: str, raw: str | None, *, default: int, minimum: int, maximum: int | None = None) -> int:
-    """An integer query value: empty means the default; not an integer or below `minimum` is a 400."""
+    """An integer of any length: empty is the default; not one, or below `minimum`, a 400; clamped to `maximum`."""
     if raw is None or raw.strip() == "":
         return default
     text = raw.strip()
     # [0-9], not \d: \d also matches other scripts' digits, which no client means as a number.
-    if not re.fullmatch(r"[+-]?[0-9]{1,18}", text):
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
         raise BadRequest(f"{name} must be an integer, got {raw[:40]!r}")
+    if len(text.lstrip("+-").lstrip("0")) > MAX_DIGITS:
+        if text.startswith("-"):
+            raise BadRequest(f"{name} must be >= {minimum}, got {text[:20]}…")
+        if maximum is not None:
+            return maximum
+        raise BadRequest(f"{name} has more than {MAX_DIGITS} digits")
     value = int(text)
     if value < minimum:
-        raise BadRequest(f"{name} must be >= {minimum}, got {value}")
+        raise BadRequest(f"{name} must be >= {minimum}, got {str(value)[:40]}")
     return min(value, maximum) if maximum is not None else value
 
 

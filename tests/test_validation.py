@@ -30,17 +30,30 @@ def test_parse_int_accepts_integers(raw, expected):
     assert validation.parse_int("limit", raw, default=20, minimum=1, maximum=100) == expected
 
 
-@pytest.mark.parametrize("raw", ["101", "1000", "999999999999999999"])
+@pytest.mark.parametrize("raw", ["101", "1000", "999999999999999999", "99999999999999999999", "1" * 5000])
 def test_parse_int_clamps_to_the_maximum(raw):
     assert validation.parse_int("limit", raw, default=20, minimum=1, maximum=100) == 100
 
 
-def test_parse_int_without_maximum_is_unbounded():
-    assert validation.parse_int("start_id", "123456789012", default=0, minimum=0) == 123456789012
+@pytest.mark.parametrize("value", [123456789012, 2**63, 2**64, 10**40, 10**3999])
+def test_parse_int_without_maximum_is_unbounded(value):
+    assert validation.parse_int("start_id", str(value), default=0, minimum=0) == value
+    assert validation.parse_int("start_id", "+000" + str(value), default=0, minimum=0) == value
+
+
+@pytest.mark.parametrize("raw", ["-99999999999999999999", "-" + "9" * 5000])
+def test_parse_int_huge_negative_is_below_the_minimum(raw):
+    err = bad_request(validation.parse_int, "limit", raw, default=20, minimum=1, maximum=100)
+    assert ">= 1" in err.message and len(err.message) < 200
+
+
+def test_parse_int_without_maximum_refuses_more_digits_than_it_converts():
+    err = bad_request(validation.parse_int, "start_id", "1" * 5000, default=0, minimum=0)
+    assert "digits" in err.message and len(err.message) < 200
 
 
 @pytest.mark.parametrize("raw", ["x", "1.5", "1e3", "0x10", "1 2", "--1", "١٢x", "1_000", "nan", "inf",
-                                 "1234567890123456789", "١٢", "²", "１", "5\n5"])
+                                 "١٢", "²", "１", "5\n5", "+", "-", "1-"])
 def test_parse_int_rejects_what_is_not_an_integer(raw):
     err = bad_request(validation.parse_int, "limit", raw, default=20, minimum=1, maximum=100)
     assert "limit" in err.message
