@@ -69,6 +69,9 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "SSE_HEARTBEAT_SECONDS": ("15", _float(0.05), "idle time after which a stream sends ': ping'"),
     "SSE_RETRY_MS": ("3000", _int(0), "reconnection delay sent to clients in the 'retry:' line"),
     "SSE_MAX_STREAMS_PER_USER": ("100", _int(0), "open streams per user, across workers; 0: no cap"),
+    "SSE_LEASE_SECONDS": (
+        "30", _float(1), "a stream's slot under the per-user cap outlives a killed worker by at most this long",
+    ),
     "SSE_QUEUE_MAX": ("2000", _int(1), "events a slow stream may fall behind before it is ended"),
     "SSE_COALESCE_MS": (
         "4", _float(0), "after writing an event to 200+ streams, wait this long to batch the next; 0: never",

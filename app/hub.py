@@ -20,7 +20,7 @@ import gevent.monkey
 import redis
 
 from . import sse
-from .errors import REDIS_DOWN
+from .errors import redis_unavailable
 from .redis import make_dedicated_client
 from .store import Store, api_key_key, conv_events_key, conv_meta_key, entry_id, event_id_of, user_streams_key
 
@@ -31,8 +31,7 @@ READ_COUNT = 1000
 CHECK_INTERVAL = 1.0
 OVERFLOW_GRACE = 5.0
 COALESCE_MIN_WRITES = 200  # a dispatch this large makes the next read wait to gather more
-LEASE_TTL = 30.0
-LEASE_REFRESH = 10.0
+UNSTARTED_GRACE = 10.0  # a stream registered but not yet iterated this long never will be
 
 
 class Batch:
@@ -169,11 +168,17 @@ class HubUnavailable(Exception):
 class Hub:
     """The fan-out of one worker process."""
 
-    def __init__(self, redis_url: str, store: Store, *, queue_max: int, stream_cap: int, coalesce: float = 0.0):
+    def __init__(self, redis_url: str, store: Store, *, queue_max: int, stream_cap: int, lease_ttl: float = 30.0,
+                 coalesce: float = 0.0):
         self.store = store
         self.coalesce = coalesce
         self.queue_max = queue_max
         self.stream_cap = stream_cap
+        self.lease_ttl = lease_ttl
+        # Registered streams whose response has not started yet, with when they registered: one
+        # that never starts (an exception after the view returned) would otherwise hold its slot
+        # and subscription forever.
+        self.unstarted: dict[Subscriber, float] = {}
         self.conversations: dict[str, Conversation] = {}
         self.by_key: dict[str, set[Subscriber]] = {}
         self.by_user: dict[str, set[Subscriber]] = {}
@@ -204,7 +209,9 @@ class Hub:
         catch-up comes from Redis, and the overlap is dropped by id.
         """
         if self.closing:
+            self.unsubscribe(sub)  # gives its slot back
             raise HubUnavailable("the worker is shutting down")
+        self.unstarted[sub] = time.monotonic()
         conv = self.conversations.get(sub.conversation_id)
         first = conv is None
         if conv is None:
@@ -229,8 +236,13 @@ class Hub:
             raise
         sub.watch_socket()
 
+    def started(self, sub: Subscriber) -> None:
+        """The stream's response is being sent: from now on it ends through its generator."""
+        self.unstarted.pop(sub, None)
+
     def unsubscribe(self, sub: Subscriber) -> None:
         """Forget a stream (idempotent)."""
+        self.unstarted.pop(sub, None)
         sub.done = True
         sub.close_watcher()
         conv = self.conversations.get(sub.conversation_id)
@@ -248,7 +260,7 @@ class Hub:
             sub_id, sub.connection_id = sub.connection_id, ""
             try:
                 self.store.release_stream(sub.user_id, sub_id)
-            except REDIS_DOWN:
+            except redis.RedisError:
                 pass  # the lease expires by itself
 
     def shutdown(self) -> None:
@@ -281,8 +293,13 @@ class Hub:
                     {key: conv.position for key, conv in reading.items()}, count=READ_COUNT, block=READ_BLOCK_MS
                 )
                 backoff = 0.05
-            except REDIS_DOWN as err:
-                log.warning("hub reader: Redis unreachable (%s); retrying in %.2fs", type(err).__name__, backoff)
+            except redis.RedisError as err:
+                # Unavailable (down, loading, a replica after failover...) or not: the reader must not
+                # die, or streams would get pings and no events. It resumes from its positions.
+                if redis_unavailable(err) is None:
+                    log.exception("hub reader: Redis error; retrying in %.2fs", backoff)
+                else:
+                    log.warning("hub reader: Redis unavailable (%s); retrying in %.2fs", type(err).__name__, backoff)
                 self._reader_client_id = None
                 self._reader.close()
                 gevent.sleep(backoff)
@@ -318,7 +335,7 @@ class Hub:
                 if self._reader_client_id is not None:
                     try:
                         self._control.client_unblock(self._reader_client_id)
-                    except REDIS_DOWN:
+                    except redis.RedisError:
                         gevent.sleep(0.5)
                 gevent.sleep(0.005)
 
@@ -328,15 +345,23 @@ class Hub:
         last_lease_refresh = time.monotonic()
         while True:
             gevent.sleep(CHECK_INTERVAL)
+            self._drop_unstarted()
             try:
                 self._check_once()
-                if self.stream_cap and time.monotonic() - last_lease_refresh >= LEASE_REFRESH:
+                if self.stream_cap and time.monotonic() - last_lease_refresh >= self.lease_ttl / 3:
                     self._refresh_leases()
                     last_lease_refresh = time.monotonic()
-            except REDIS_DOWN:
-                pass  # streams wait; the reader resumes where it was once Redis is back
-            except redis.RedisError:
-                log.exception("hub check failed")
+            except redis.RedisError as err:
+                if redis_unavailable(err) is None:
+                    log.exception("hub check failed")
+                # else streams wait; the reader resumes where it was once Redis is back
+
+    def _drop_unstarted(self) -> None:
+        deadline = time.monotonic() - UNSTARTED_GRACE
+        for sub, registered in list(self.unstarted.items()):
+            if registered < deadline:
+                log.warning("stream %s never started; dropping it", sub.connection_id or "(uncapped)")
+                self.unsubscribe(sub)
 
     def _check_once(self) -> None:
         cids = list(self.conversations)
@@ -360,7 +385,7 @@ class Hub:
                     sub.end("revoked")
 
     def _refresh_leases(self) -> None:
-        expiry = time.time() + LEASE_TTL
+        expiry = time.time() + self.lease_ttl
         pipe = self._control.pipeline(transaction=False)
         for user_id, subs in self.by_user.items():
             members = {sub.connection_id: expiry for sub in subs if sub.connection_id}

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import redis
 
-from .errors import REDIS_DOWN
+from .errors import redis_unavailable
 
 if TYPE_CHECKING:
     from .hub import Hub, Subscriber
@@ -165,6 +166,7 @@ def follow_direct(store: Store, sub: Subscriber, heartbeat: float) -> None:
 def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: float) -> Iterator[bytes]:
     """The body of an SSE response: opening, stored events, then live ones; pings while idle."""
     try:
+        hub.started(sub)
         yield opening
         yield from catch_up(store, sub)
         if sub.fd is not None:
@@ -187,8 +189,11 @@ def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: f
                 return
             data = live_frames(store, sub) if woken else b""
             yield data or PING
-    except REDIS_DOWN:
-        log.info("stream %s ended: Redis unreachable during catch-up", sub.connection_id)
+    except redis.RedisError as err:
+        reason = redis_unavailable(err)
+        if reason is None:
+            raise
+        log.info("stream %s ended: Redis unavailable during catch-up (%s)", sub.connection_id, reason[0])
     except OSError:
         pass  # the client went away during a write of ours
     finally:

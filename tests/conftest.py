@@ -108,8 +108,8 @@ def start_server(redis_server: RedisServer, redis_client: redis.Redis, tmp_path:
     """Start gunicorn (gevent workers) with extra settings; every server is stopped after the test."""
     started: list[Gunicorn] = []
 
-    def start(redis_url: str | None = None, workers: int = 1, **env: str) -> Gunicorn:
-        server = Gunicorn(redis_url or redis_server.url, workers=workers, **env)
+    def start(redis_url: str | None = None, workers: int = 1, wsgi_app: str = "wsgi:app", **env: str) -> Gunicorn:
+        server = Gunicorn(redis_url or redis_server.url, workers=workers, wsgi_app=wsgi_app, **env)
         started.append(server)
         return server.start(tmp_path / f"gunicorn-{len(started)}.log")
 

@@ -92,8 +92,9 @@ class RedisServer:
 class Gunicorn:
     """gunicorn serving wsgi:app with gevent workers on a free loopback port."""
 
-    def __init__(self, redis_url: str, workers: int = 1, **env: str):
+    def __init__(self, redis_url: str, workers: int = 1, wsgi_app: str = "wsgi:app", **env: str):
         self.port = free_port()
+        self.wsgi_app = wsgi_app
         self.env = {
             **os.environ,
             "REDIS_URL": redis_url,
@@ -118,7 +119,7 @@ class Gunicorn:
         self.log_path = log_path
         with open(log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
-                [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+                [str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py", self.wsgi_app],
                 cwd=ROOT, env=self.env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             )
         wait_until(self.healthy, 30, what="gunicorn /healthz")

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, request
 from .. import sse, validation
 from ..auth import current_caller
 from ..errors import NotFound, ServiceUnavailable, TooManyRequests
-from ..hub import LEASE_TTL, Hub, HubUnavailable, Subscriber, gevent_ready
+from ..hub import Hub, HubUnavailable, Subscriber, gevent_ready
 from ..store import Store
 from . import get_store
 
@@ -37,14 +37,18 @@ def get_hub() -> Hub:
             get_store(),
             queue_max=app.config["SSE_QUEUE_MAX"],
             stream_cap=app.config["SSE_MAX_STREAMS_PER_USER"],
+            lease_ttl=app.config["SSE_LEASE_SECONDS"],
             coalesce=app.config["SSE_COALESCE_MS"] / 1000,
         )
     return hub
 
 
 def _acquire_slot(store: Store, user_id: str, connection_id: str) -> None:
-    cap = current_app.config["SSE_MAX_STREAMS_PER_USER"]
-    if cap and not store.acquire_stream(user_id, connection_id, cap, time.time(), LEASE_TTL):
+    # The lease expires by itself unless the hub refreshes it, which it does only for a stream it
+    # holds: a stream that never starts, or whose worker is killed, frees its slot within the TTL.
+    config = current_app.config
+    cap = config["SSE_MAX_STREAMS_PER_USER"]
+    if cap and not store.acquire_stream(user_id, connection_id, cap, time.time(), config["SSE_LEASE_SECONDS"]):
         raise TooManyRequests(f"at most {cap} streams may be open per user", headers={"Retry-After": "5"})
 
 
@@ -80,7 +84,7 @@ def stream_events(cid: str) -> Response:
     sub = Subscriber(cid, caller.user_id, caller.key_id, connection_id if config["SSE_MAX_STREAMS_PER_USER"] else "",
                      latest, sock, chunked=_chunked_plain_http(request.environ, sock))
     try:
-        hub.subscribe(sub)
+        hub.subscribe(sub)  # on failure it has forgotten the stream and given its slot back
     except HubUnavailable as err:
         raise ServiceUnavailable(str(err), headers={"Retry-After": "1"}) from None
     opening = sse.opening(config["SSE_RETRY_MS"], {
