@@ -1,6 +1,7 @@
 """A small HTTP/1.1 + SSE reader over a raw socket: exactly what a browser's EventSource sees."""
 from __future__ import annotations
 
+import codecs
 import json
 import socket
 import time
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class SSEEvent:
-    """One dispatched event (or a comment, with `comment` set)."""
+    """One dispatched event (or a comment, with `comment` set); `retry` if its block carried one."""
 
     id: str | None = None
     event: str = "message"
@@ -36,7 +37,12 @@ class SSEStream:
     _eof: bool = False
     _pending: SSEEvent = field(default_factory=SSEEvent)
     _parsed: list[SSEEvent] = field(default_factory=list)
+    _decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")())
     retry: int | None = None
+    # Blank lines that ended a block without data, id or event name (after a lone `retry:`, after a
+    # comment, or one more blank line): nothing is dispatched here, but fetch-event-source and the
+    # like hand each of them to the application as an empty message.
+    empty_blocks: int = 0
 
     def close(self) -> None:
         """Drop the connection."""
@@ -65,7 +71,8 @@ class SSEStream:
     def _decode_chunks(self) -> None:
         while True:
             if not self._chunked:
-                self._text += self._raw.decode()
+                # Incremental: a read may end inside a multi-byte character.
+                self._text += self._decoder.decode(self._raw)
                 self._raw = b""
                 return
             line_end = self._raw.find(b"\r\n")
@@ -78,7 +85,7 @@ class SSEStream:
                 return
             if len(self._raw) < line_end + 2 + size + 2:
                 return
-            self._text += self._raw[line_end + 2:line_end + 2 + size].decode()
+            self._text += self._decoder.decode(self._raw[line_end + 2:line_end + 2 + size])
             self._raw = self._raw[line_end + 2 + size + 2:]
 
     def _parse_events(self) -> list[SSEEvent]:
@@ -91,9 +98,12 @@ class SSEStream:
                 if ev.data or ev.event != "message" or ev.id is not None:
                     ev.data = ev.data[:-1] if ev.data.endswith("\n") else ev.data
                     out.append(ev)
+                else:
+                    self.empty_blocks += 1
                 self._pending = SSEEvent()
                 continue
             if line.startswith(":"):
+                # A comment dispatches nothing and leaves the block it is in as it was.
                 out.append(SSEEvent(comment=line[1:].strip()))
                 continue
             name, _, value = line.partition(":")
@@ -104,14 +114,20 @@ class SSEStream:
                 self._pending.id = value
             elif name == "event":
                 self._pending.event = value
-            elif name == "retry":
-                self.retry = int(value)
+            elif name == "retry" and value.isdigit():
+                self.retry = self._pending.retry = int(value)
         return out
+
+    def feed(self, data: bytes) -> list[SSEEvent]:
+        """Parse more of an unchunked body: the events (and comments) its complete lines hold."""
+        self._text += self._decoder.decode(data)
+        return self._parse_events()
 
     def events(self, timeout: float = 10.0, comments: bool = False):
         """Yield events as they arrive until the stream ends or `timeout` passes without any."""
         deadline = time.monotonic() + timeout
         while True:
+            self._decode_chunks()  # also what came in with the response head, before any read of ours
             self._parsed.extend(self._parse_events())
             while self._parsed:
                 # Popped one at a time: a caller that stops early leaves the rest for the next call.
@@ -124,7 +140,6 @@ class SSEStream:
             while not self._recv(deadline):
                 if self._eof or time.monotonic() >= deadline:
                     return
-            self._decode_chunks()
 
     def take(self, count: int, timeout: float = 10.0) -> list[SSEEvent]:
         """The next `count` conversation events (named ones included), or fewer if the stream stops."""
@@ -140,6 +155,7 @@ class SSEStream:
     def ended(self, timeout: float) -> bool:
         """Whether the server ends the stream within `timeout` seconds (skipping what still arrives)."""
         deadline = time.monotonic() + timeout
+        self._decode_chunks()  # the final chunk may be here already
         while not self._eof and time.monotonic() < deadline:
             if self._recv(deadline):
                 self._decode_chunks()
