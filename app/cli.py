@@ -27,6 +27,11 @@ def _store() -> Store:
     return store
 
 
+def _failed(err: redis.RedisError, what: str, advice: str) -> click.ClickException:
+    """A clear error for a Redis failure in the middle of a command (no traceback, no secret)."""
+    return click.ClickException(f"Redis failed while {what} ({type(err).__name__}); {advice}")
+
+
 @click.group()
 def keys() -> None:
     """Manage API keys."""
@@ -39,7 +44,13 @@ def create_key(user_id: str) -> None:
     """Create an API key for USER_ID and print it (alone on the last line)."""
     if not USER_ID.fullmatch(user_id):
         raise click.BadParameter("1 to 64 characters of A-Z a-z 0-9 _ . @ -", param_hint="USER_ID")
-    key_id, key = _store().create_api_key(user_id)
+    store = _store()
+    try:
+        key_id, key = store.create_api_key(user_id)
+    except redis.RedisError as err:
+        # The write may have run: a key nobody was shown would still work, so say how to find it.
+        raise _failed(err, "storing the new key", f"it may have been stored without being shown: run "
+                      f"`keys list {user_id}` and revoke any key id you do not know") from None
     click.echo(f"Created API key {key_id} for user {user_id}. It is shown only now; keep it secret:")
     click.echo(key)
 
@@ -49,7 +60,10 @@ def create_key(user_id: str) -> None:
 @with_appcontext
 def list_keys(user_id: str) -> None:
     """List USER_ID's keys (ids and dates, never the secret)."""
-    rows = _store().list_api_keys(user_id)
+    try:
+        rows = _store().list_api_keys(user_id)
+    except redis.RedisError as err:
+        raise _failed(err, "listing the keys", "run it again") from None
     if not rows:
         click.echo(f"no keys for user {user_id}")
         return
@@ -66,13 +80,17 @@ def revoke_key(key: str) -> None:
     """Revoke KEY (the key itself, or its id as `keys list` shows it)."""
     store = _store()
     key_id = split_key(key)
-    if key_id is not None:
-        # A whole key must match what is stored: a mistyped secret revokes nothing.
-        record = store.get_api_key(key_id)
-        if not record or not hmac.compare_digest(record["hash"], hash_secret(key)):
-            raise click.ClickException("no such key")
-    else:
-        key_id = key
-    if not store.revoke_api_key(key_id):
+    try:
+        if key_id is not None:
+            # A whole key must match what is stored: a mistyped secret revokes nothing.
+            record = store.get_api_key(key_id)
+            if not record or not hmac.compare_digest(record["hash"], hash_secret(key)):
+                raise click.ClickException("no such key")
+        else:
+            key_id = key
+        revoked = store.revoke_api_key(key_id)
+    except redis.RedisError as err:
+        raise _failed(err, "revoking the key", "run it again (revoking twice is harmless)") from None
+    if not revoked:
         raise click.ClickException("no such key")
     click.echo(f"revoked key {key_id}")
