@@ -17,22 +17,78 @@ if not control_socket_disable:
     control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
 accesslog = os.environ.get("ACCESS_LOG") or None
 loglevel = os.environ.get("LOG_LEVEL", "info")
+# How long an exiting worker waits for gunicorn to close its listeners before it ends its streams.
+LISTENER_CLOSE_WAIT = 1.5
 
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if _soft < _hard:
     resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
 
 
+def _listening(worker) -> bool:
+    """Whether the worker may still accept connections (one of its listening sockets is open)."""
+    for sock in worker.sockets:
+        try:
+            if sock.fileno() != -1:
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def post_worker_init(worker):
-    """End every open stream as soon as the worker is told to exit (TERM, or HUP in the master)."""
+    """End every open stream once the worker is told to exit (TERM, or HUP in the master) and stops accepting.
+
+    gunicorn's gevent worker notices `alive` turning false only once a second (workers/ggevent.py
+    `run`) and accepts new connections until then. A stream ended before that would reconnect
+    (after `retry` ms) onto a connection this worker may still accept, and the hub, shut down,
+    would answer it 503, which closes an EventSource for good. So the hub is shut down only once
+    the listeners are closed (or after LISTENER_CLOSE_WAIT, should that never be seen), and
+    streams opened until then are served and then ended like the others.
+    """
+    import time
+
     import gevent
 
     def watch():
         while worker.alive:
             gevent.sleep(0.2)
+        deadline = time.monotonic() + LISTENER_CLOSE_WAIT
+        while _listening(worker) and time.monotonic() < deadline:
+            gevent.sleep(0.02)
         hub = worker.wsgi.extensions.get("hub") if hasattr(worker.wsgi, "extensions") else None
         if hub is not None:
             worker.log.info("worker exiting: ending %d open streams", hub.stream_count)
             hub.shutdown()
 
     gevent.spawn(watch)
+
+
+STREAM_PATH_PREFIX = "/api/sse/"
+
+
+def pre_request(worker, req):
+    """Serve every event-stream request as the last one on its connection (`Connection: close`).
+
+    A browser's EventSource reconnects `retry` ms after a stream ends, on the same connection when
+    the response allowed keep-alive. When the stream ended because this worker is exiting (HUP in
+    the master, TERM), that connection still belongs to this worker, which would answer the
+    reconnect with a 503, and a non-200 answer closes an EventSource for good. With the request
+    marked must-close, gunicorn says `Connection: close` in the response head and closes the socket
+    after the stream's last chunk, so the reconnect opens a new connection and a live worker takes it.
+
+    Why here: the app cannot do it itself, because gunicorn drops hop-by-hop headers an app sets
+    (`Connection` among them, http/wsgi.py `Response.process_headers`), and its keep-alive loop
+    (workers/base_async.py `handle`) serves the next request on the connection without checking
+    whether the worker is still alive; `force_close()` at request time only happens for requests that
+    *start* after the worker stopped being alive. `pre_request` is the documented hook that runs
+    before the response exists, and `Request.force_close()` is the request's own switch that
+    `Response.should_close()` reads: it only changes the `Connection` header and the close after the
+    response. Framing is untouched: chunked transfer encoding still depends on the HTTP version and
+    method alone (`Response.is_chunked`), so the hub's pre-framed chunks on HTTP/1.1 GETs stay valid
+    and gunicorn still ends them with the last chunk. An HTTP/1.0 stream was closed at its end
+    already; a HEAD of a stream now closes too (harmless). Every other request keeps keep-alive.
+    """
+    worker.log.debug("%s %s", req.method, req.path)  # what gunicorn's default pre_request does
+    if (req.path or "").startswith(STREAM_PATH_PREFIX):
+        req.force_close()
