@@ -163,6 +163,16 @@ def follow_direct(store: Store, sub: Subscriber, heartbeat: float) -> None:
             flush(store, sub)
 
 
+def stored_then_end(store: Store, sub: Subscriber, opening: bytes) -> Iterator[bytes]:
+    """The body of a stream that a worker on its way out answers: the opening and what is stored."""
+    yield opening
+    try:
+        yield from catch_up(store, sub)
+    except redis.RedisError as err:
+        if redis_unavailable(err) is None:
+            raise
+
+
 def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: float) -> Iterator[bytes]:
     """The body of an SSE response: opening, stored events, then live ones; pings while idle."""
     try:

@@ -79,14 +79,6 @@ def stream_events(cid: str) -> Response:
         return Response(headers=STREAM_HEADERS)
     hub = get_hub()
     connection_id = secrets.token_urlsafe(12)
-    _acquire_slot(store, caller.user_id, connection_id)
-    sock = request.environ.get("gunicorn.socket")
-    sub = Subscriber(cid, caller.user_id, caller.key_id, connection_id if config["SSE_MAX_STREAMS_PER_USER"] else "",
-                     latest, sock, chunked=_chunked_plain_http(request.environ, sock))
-    try:
-        hub.subscribe(sub)  # on failure it has forgotten the stream and given its slot back
-    except HubUnavailable as err:
-        raise ServiceUnavailable(str(err), headers={"Retry-After": "1"}) from None
     opening = sse.opening(config["SSE_RETRY_MS"], {
         "type": "connection_established",
         "connection_id": connection_id,
@@ -94,5 +86,19 @@ def stream_events(cid: str) -> Response:
         "latest_event_id": latest,
         "providers_set": providers,
     })
+    sock = request.environ.get("gunicorn.socket")
+    if hub.closing:
+        # This worker is exiting, yet got the request (a kept-alive connection it still holds):
+        # a 503 would close a browser's EventSource for good, so answer with what is stored and
+        # end; it reconnects (on a new connection, which a live worker answers).
+        sub = Subscriber(cid, caller.user_id, caller.key_id, "", latest, sock)
+        return Response(sse.stored_then_end(store, sub, opening), headers=STREAM_HEADERS)
+    _acquire_slot(store, caller.user_id, connection_id)
+    sub = Subscriber(cid, caller.user_id, caller.key_id, connection_id if config["SSE_MAX_STREAMS_PER_USER"] else "",
+                     latest, sock, chunked=_chunked_plain_http(request.environ, sock))
+    try:
+        hub.subscribe(sub)  # on failure it has forgotten the stream and given its slot back
+    except HubUnavailable as err:
+        raise ServiceUnavailable(str(err), headers={"Retry-After": "1"}) from None
     body = sse.stream(hub, store, sub, opening, config["SSE_HEARTBEAT_SECONDS"])
     return Response(body, headers=STREAM_HEADERS)

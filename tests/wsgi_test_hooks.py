@@ -1,9 +1,17 @@
-"""The app with an after-request hook that fails on demand: a stream response that is never sent."""
+"""The app with hooks a test can pull by header: a stream response that is never sent, a worker on its way out."""
 from flask import Response, request
 
 from app import create_app
+from app.api.sse import get_hub
 
 app = create_app()
+
+
+@app.before_request
+def close_hub_on_demand() -> None:
+    """Put this worker's hub in the state of a worker that was told to exit."""
+    if request.headers.get("X-Test-Close-Hub"):
+        get_hub().shutdown()
 
 
 @app.after_request
