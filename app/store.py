@@ -39,6 +39,15 @@ def idempotency_expiry_key(cid: str) -> str:
     return f"conv:{{{cid}}}:idem:exp"
 
 
+def conv_channel(cid: str) -> str:
+    """Pub/sub channel on which each new event of a conversation is announced (not a key)."""
+    return f"conv:{{{cid}}}:live"
+
+
+# Announced on a conversation's channel when it is deleted: its streams end at once.
+DELETED_NOTICE = b"deleted"
+
+
 def conversation_keys(cid: str) -> list[str]:
     """Every key that holds something of a conversation (deleting them deletes it)."""
     return [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid), idempotency_expiry_key(cid)]
@@ -98,11 +107,13 @@ MAX_EVENT_ID = 2**63 - 1
 CREATE_PENDING_TTL = 60
 
 # One round trip per append: ownership, idempotency, id, event, retention and the answer record.
-# KEYS: meta, events, idempotency answers, their expiry. ARGV: owner ('' skips the check), event
-# JSON without its opening '{' and without "id", retention (0: keep all), hashed Idempotency-Key
-# ('' for none), its TTL, body digest. A retry of the same call after a lost reply is answered
-# from the record, so only an append made without a key can be stored twice, and only when its
-# caller re-sends it (the pool never does: see redis.py).
+# KEYS: meta, events, idempotency answers, their expiry, the conversation's channel. ARGV: owner
+# ('' skips the check), event JSON without its opening '{' and without "id", retention (0: keep
+# all), hashed Idempotency-Key ('' for none), its TTL, body digest, the publish command (PUBLISH,
+# or SPUBLISH on a Redis 7 Cluster). The event is announced in the same step as it is stored, so
+# every hub following the conversation hears of it; a hub that missed it reads the stream. A
+# retry of the same call after a lost reply is answered from the record, so only an append made
+# without a key can be stored twice, and only when its caller re-sends it (the pool never does).
 APPEND_LUA = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {-1} end
@@ -135,6 +146,7 @@ if field ~= '' then
   redis.call('EXPIREAT', KEYS[3], expiry)
   redis.call('EXPIREAT', KEYS[4], expiry)
 end
+redis.call(ARGV[7], KEYS[5], data)
 return {n}
 """
 
@@ -173,11 +185,14 @@ redis.call('PERSIST', KEYS[2])
 return 1
 """
 
-# KEYS: every key of the conversation, meta first. ARGV: owner. Deletes it if it is the owner's.
+# KEYS: every key of the conversation, meta first, then its channel. ARGV: owner, publish command.
+# Deletes it if it is the owner's, and says so on the channel (its open streams end at once).
 DELETE_LUA = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner or owner ~= ARGV[1] then return 0 end
+local channel = table.remove(KEYS)
 redis.call('DEL', unpack(KEYS))
+redis.call(ARGV[2], channel, '""" + DELETED_NOTICE.decode() + """')
 return 1
 """
 
@@ -198,8 +213,10 @@ def _text(value: bytes | None) -> str | None:
 class Store:
     """Conversations, events, API keys and stream leases, on one Redis client."""
 
-    def __init__(self, client: redis.Redis, *, retention: int = 0, idempotency_ttl: int = 86400):
+    def __init__(self, client: redis.Redis, *, retention: int = 0, idempotency_ttl: int = 86400,
+                 sharded_pubsub: bool = False):
         self.redis = client
+        self.publish = "SPUBLISH" if sharded_pubsub else "PUBLISH"
         self.retention = retention
         self.idempotency_ttl = idempotency_ttl
         self._append = client.register_script(APPEND_LUA)
@@ -289,7 +306,7 @@ class Store:
 
     def delete_conversation(self, owner: str, cid: str) -> None:
         """Delete the owner's conversation, every key of it, and its index entry; NotFound otherwise."""
-        deleted = self._delete(keys=conversation_keys(cid), args=[owner])
+        deleted = self._delete(keys=[*conversation_keys(cid), conv_channel(cid)], args=[owner, self.publish])
         # Still in the owner's index after the keys are gone: a retry of a delete whose answer was
         # lost (or a create cut off). It was theirs and it is gone now, which is what they asked.
         unindexed = self.redis.zrem(user_conversations_key(owner), cid)
@@ -326,10 +343,11 @@ class Store:
         `idempotency` is (hashed Idempotency-Key, digest of the body).
         """
         idem_key, digest = idempotency if idempotency else ("", "")
-        keys = [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid), idempotency_expiry_key(cid)]
+        keys = [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid), idempotency_expiry_key(cid),
+                conv_channel(cid)]
         body = self._event_json(fields, source)
         result = self._append(keys=keys, args=[owner or "", body[1:], self.retention, idem_key, self.idempotency_ttl,
-                                               digest])
+                                               digest, self.publish])
         if result[0] == -1:
             raise NotFound("no such conversation")
         if result[0] == -2:
@@ -350,14 +368,15 @@ class Store:
             raise NotFound("no such conversation")
         if start_id > MAX_EVENT_ID:
             return [], False
-        return [fields[b"e"] for _eid, fields in entries[:limit]], len(entries) > limit
+        return [fields[b"e"] for _eid, fields in entries[:limit] if b"e" in fields], len(entries) > limit
 
     def read_after(self, cid: str, after_id: int, count: int) -> list[tuple[int, bytes]]:
         """Up to `count` events after `after_id`, as (event id, stored JSON)."""
         if after_id >= MAX_EVENT_ID:
             return []
         entries = self.redis.xrange(conv_events_key(cid), min=entry_id(after_id + 1), max="+", count=count)
-        return [(event_id_of(eid), fields[b"e"]) for eid, fields in entries]
+        # An entry not written by us (no event field) is skipped: one bad entry must not stall a stream.
+        return [(event_id_of(eid), fields[b"e"]) for eid, fields in entries if b"e" in fields]
 
     def tip(self, cid: str) -> int:
         """Id of the newest stored event of a conversation, -1 when it has none."""

@@ -18,7 +18,7 @@ SSE = "/api/sse/conversations/{}/events"
 
 
 def named_connections(client: redis.Redis, pid: int) -> dict[str, int]:
-    """Connections the worker `pid` holds, by role (pool, hub-reader, hub-control)."""
+    """Connections the worker `pid` holds, by role (pool, hub-pubsub, hub-control)."""
     roles: dict[str, int] = {}
     for entry in client.client_list():
         name = entry.get("name", "")
@@ -42,7 +42,7 @@ def test_redis_connections_do_not_grow_with_streams(start_server, make_key, redi
     warm = open_stream(server.port, SSE.format(cids[0]), bearer(api.key))
     assert warm.take(1)[0].event == "connection"
     # The hub opens its two connections on its first stream (the control one within a second).
-    before = wait_until(lambda: (lambda c: c if {"hub-reader", "hub-control"} <= set(c) else None)(
+    before = wait_until(lambda: (lambda c: c if {"hub-pubsub", "hub-control"} <= set(c) else None)(
         named_connections(redis_client, pid)), 15, what="hub connections")
     streams = [open_stream(server.port, SSE.format(cids[i % 50]), bearer(api.key)) for i in range(200)]
     for s in streams:
@@ -54,7 +54,7 @@ def test_redis_connections_do_not_grow_with_streams(start_server, make_key, redi
         assert event.json()["content"] == cids[i % 50]
     after = named_connections(redis_client, pid)
     # Two hub connections whatever the number of streams; the request pool never passes its size.
-    assert before["hub-reader"] == after["hub-reader"] == 1
+    assert before["hub-pubsub"] == after["hub-pubsub"] == 1
     assert before["hub-control"] == after["hub-control"] == 1
     assert after.get("pool", 0) <= 4
     assert sum(after.values()) <= 6

@@ -7,11 +7,12 @@ import time
 
 from flask import Blueprint, Response, current_app, request
 
-from .. import sse, validation
+from .. import sse, stream, validation
 from ..auth import current_caller
 from ..errors import NotFound, ServiceUnavailable, TooManyRequests
-from ..hub import Hub, HubUnavailable, Subscriber, gevent_ready
+from ..hub import Hub, HubUnavailable, gevent_ready
 from ..store import Store
+from ..subscriber import Subscriber
 from . import get_store
 
 bp = Blueprint("sse", __name__, url_prefix="/api/sse")
@@ -92,7 +93,7 @@ def stream_events(cid: str) -> Response:
         # a 503 would close a browser's EventSource for good, so answer with what is stored and
         # end; it reconnects (on a new connection, which a live worker answers).
         sub = Subscriber(cid, caller.user_id, caller.key_id, "", latest, sock)
-        return Response(sse.stored_then_end(store, sub, opening), headers=STREAM_HEADERS)
+        return Response(stream.stored_then_end(store, sub, opening), headers=STREAM_HEADERS)
     _acquire_slot(store, caller.user_id, connection_id)
     sub = Subscriber(cid, caller.user_id, caller.key_id, connection_id if config["SSE_MAX_STREAMS_PER_USER"] else "",
                      latest, sock, chunked=_chunked_plain_http(request.environ, sock))
@@ -100,5 +101,5 @@ def stream_events(cid: str) -> Response:
         hub.subscribe(sub)  # on failure it has forgotten the stream and given its slot back
     except HubUnavailable as err:
         raise ServiceUnavailable(str(err), headers={"Retry-After": "1"}) from None
-    body = sse.stream(hub, store, sub, opening, config["SSE_HEARTBEAT_SECONDS"])
+    body = stream.stream(hub, store, sub, opening, config["SSE_HEARTBEAT_SECONDS"])
     return Response(body, headers=STREAM_HEADERS)

@@ -1,0 +1,193 @@
+"""The hub's Redis side: announcements of new events, on one pub/sub connection per worker.
+
+The append script stores an event and publishes it on its conversation's channel in the same
+step, so the hub learns of each event as it is written, whatever the number of conversations
+it follows: following or leaving one is a channel added to or removed from a set, sent to Redis
+in batches (one `SUBSCRIBE`/`UNSUBSCRIBE` for all the changes gathered meanwhile). Pub/sub is
+at most once; the stream is the truth: after a reconnect the hub re-subscribes everything and
+reads from the streams what it may have missed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+import redis
+from redis.connection import parse_url
+
+from .redis import connection_name
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBE_BATCH = 1000  # channels per SUBSCRIBE/UNSUBSCRIBE command
+PING_INTERVAL = 10.0  # an idle pub/sub connection is checked this often...
+READ_TIMEOUT = 3 * PING_INTERVAL  # ...and given up after this long without a byte
+MESSAGE_KINDS = (b"message", b"smessage")
+SUBSCRIBE_KINDS = (b"subscribe", b"ssubscribe")
+UNSUBSCRIBE_KINDS = (b"unsubscribe", b"sunsubscribe")
+
+
+class Listener:
+    """One pub/sub connection that follows the channels it is asked to, and hands on what they carry."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        on_messages: Callable[[list[tuple[bytes, bytes]]], None],
+        on_subscribed: Callable[[bytes], None],
+        on_reconnected: Callable[[], None],
+        sharded: bool = False,
+    ):
+        self.url = redis_url
+        self.on_messages = on_messages
+        self.on_subscribed = on_subscribed
+        self.on_reconnected = on_reconnected
+        self.commands = (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
+        self.wanted: set[bytes] = set()  # the channels the hub follows
+        self.sent: set[bytes] = set()  # those whose SUBSCRIBE went out on this connection
+        self.unconfirmed: dict[bytes, int] = {}  # confirmations still to come, per channel
+        self.connected = False
+        self.connections = 0  # how many times it connected (the first is not a reconnect)
+        self._conn: Any = None
+        self._changed = gevent.event.Event()
+        self._greenlets = [gevent.spawn(self._read_loop), gevent.spawn(self._write_loop)]
+
+    @property
+    def confirmed(self) -> bool:
+        """Whether every wanted channel is subscribed on a live connection."""
+        return self.connected and self.sent == self.wanted and not self.unconfirmed
+
+    def alive(self) -> bool:
+        """Whether both loops run."""
+        return not any(g.dead for g in self._greenlets)
+
+    def follow(self, channel: bytes) -> None:
+        """Start receiving `channel`'s messages (on_subscribed says when)."""
+        self.wanted.add(channel)
+        self._changed.set()
+
+    def leave(self, channel: bytes) -> None:
+        """Stop receiving `channel`'s messages."""
+        self.wanted.discard(channel)
+        self._changed.set()
+
+    def is_subscribed(self, channel: bytes) -> bool:
+        """Whether `channel` is subscribed now, confirmed by Redis."""
+        return self.connected and channel in self.sent and channel not in self.unconfirmed
+
+    def _connect(self) -> Any:
+        options = parse_url(self.url)
+        cls = options.pop("connection_class", redis.Connection)
+        # RESP2: messages are plain replies to read (RESP3 would route them to a push handler).
+        # health_check_interval 0: a health-check PING would read this connection's replies, which
+        # belong to the read loop. Liveness comes from the write loop's PINGs and READ_TIMEOUT.
+        conn = cls(**options, client_name=connection_name("hub-pubsub"), socket_timeout=READ_TIMEOUT,
+                   socket_connect_timeout=2.0, health_check_interval=0, protocol=2)
+        conn.connect()
+        return conn
+
+    def _read_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                self._conn = conn = self._connect()
+            except Exception as err:  # noqa: BLE001 - whatever it is, retry later
+                log.warning("hub pub/sub: cannot connect (%s); retrying in %.2fs", type(err).__name__, backoff)
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            self.sent, self.unconfirmed, self.connected = set(), {}, True
+            self.connections += 1
+            backoff = 0.05
+            self._changed.set()
+            if self.connections > 1:
+                self.on_reconnected()
+            try:
+                self._read(conn)
+            except Exception as err:  # noqa: BLE001 - the loop must survive anything
+                if isinstance(err, redis.RedisError):
+                    log.warning("hub pub/sub: connection lost (%s); reconnecting", type(err).__name__)
+                else:
+                    log.exception("hub pub/sub: unexpected error; reconnecting")
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                self.connected = False
+                self._conn = None
+                conn.disconnect()
+
+    def _read(self, conn: Any) -> None:
+        while True:
+            batch: list[tuple[bytes, bytes]] = []
+            reply = conn.read_response()
+            while True:
+                self._take(reply, batch)
+                # What is already buffered goes out as one batch: under load one write per
+                # subscriber then carries several events.
+                if not conn.can_read(timeout=0):
+                    break
+                reply = conn.read_response()
+            if batch:
+                self.on_messages(batch)
+
+    def _take(self, reply: Any, batch: list[tuple[bytes, bytes]]) -> None:
+        if not isinstance(reply, list) or len(reply) < 3:
+            return  # a PONG, or nothing we asked for
+        kind, channel = reply[0], reply[1]
+        if kind in MESSAGE_KINDS:
+            batch.append((channel, reply[2]))
+        elif kind in SUBSCRIBE_KINDS or kind in UNSUBSCRIBE_KINDS:
+            left = self.unconfirmed.get(channel, 0) - 1
+            if left > 0:
+                self.unconfirmed[channel] = left
+                return
+            self.unconfirmed.pop(channel, None)
+            if channel in self.sent:
+                self.on_subscribed(channel)
+
+    def _write_loop(self) -> None:
+        while True:
+            try:
+                changed = self._changed.wait(timeout=PING_INTERVAL)
+                self._changed.clear()
+                conn = self._conn
+                if conn is None or not self.connected:
+                    continue
+                if not changed:
+                    conn.send_command("PING", check_health=False)
+                    continue
+                subscribe, unsubscribe = self.commands
+                self._send(conn, unsubscribe, self.sent - self.wanted)
+                self._send(conn, subscribe, self.wanted - self.sent)
+            except Exception as err:  # noqa: BLE001 - the read loop reconnects; this one carries on
+                log.warning("hub pub/sub: write failed (%s)", type(err).__name__)
+                gevent.sleep(0.1)
+
+    def _send(self, conn: Any, command: bytes, channels: set[bytes]) -> None:
+        todo = list(channels)
+        for start in range(0, len(todo), SUBSCRIBE_BATCH):
+            chunk = todo[start:start + SUBSCRIBE_BATCH]
+            if command.endswith(b"UNSUBSCRIBE"):
+                self.sent.difference_update(chunk)
+            else:
+                self.sent.update(chunk)
+            for channel in chunk:
+                self.unconfirmed[channel] = self.unconfirmed.get(channel, 0) + 1
+            conn.send_command(command, *chunk, check_health=False)
+
+
+def wait_for(check: Callable[[], bool], event: gevent.event.Event, timeout: float) -> bool:
+    """Wait on `event` until `check()` holds or `timeout` passes; whether it holds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        event.clear()
+        event.wait(timeout=min(remaining, 0.5))
+    return True

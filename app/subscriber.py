@@ -1,0 +1,130 @@
+"""One open stream as the hub sees it, and the batches of frames it hands to streams."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import gevent
+import gevent.event
+
+from . import sse
+
+OVERFLOW_GRACE = 5.0  # after an overflow, a stream still blocked in a write this long is cut off
+
+
+class Batch:
+    """Events read together for one conversation: their frames, and all of them joined once."""
+
+    __slots__ = ("first_id", "last_id", "items", "joined", "chunk")
+
+    def __init__(self, items: list[tuple[int, bytes]]):
+        self.items = items
+        self.first_id = items[0][0]
+        self.last_id = items[-1][0]
+        self.joined = b"".join(frame for _n, frame in items)
+        self.chunk = sse.http_chunk(self.joined)
+
+
+class Subscriber:
+    """One open stream: where it is, what is queued for it, and why it must end."""
+
+    __slots__ = (
+        "conversation_id", "user_id", "key_id", "connection_id", "last_sent", "pending",
+        "pending_events", "wake", "end_reason", "readable", "sock", "watcher", "done", "fd", "direct", "busy",
+        "outbuf", "last_write", "__weakref__",
+    )
+
+    def __init__(self, conversation_id: str, user_id: str, key_id: str, connection_id: str, last_sent: int,
+                 sock: socket.socket | None = None, chunked: bool = False):
+        self.conversation_id = conversation_id
+        self.user_id = user_id
+        self.key_id = key_id
+        self.connection_id = connection_id
+        self.last_sent = last_sent
+        self.pending: list[Batch] = []
+        self.pending_events = 0
+        self.wake = gevent.event.Event()
+        self.end_reason: str | None = None
+        self.readable = False
+        self.sock = sock
+        self.watcher: Any = None
+        self.done = False
+        # Direct writes: once a stream is live, the hub writes each batch to its socket itself
+        # (one non-blocking write, no greenlet switch). `fd` is set only where that is possible:
+        # a plain socket whose response gunicorn sends with chunked transfer encoding.
+        self.fd = sock.fileno() if sock is not None and chunked else None
+        self.direct = False
+        self.busy = False  # the stream's greenlet owns the socket (a write would block)
+        self.outbuf = b""  # the unwritten rest of a direct write; the greenlet sends it
+        self.last_write = 0.0  # monotonic time of the last write to the socket (pings wait for silence)
+
+    def deliver(self, batch: Batch, limit: int) -> None:
+        """Queue a batch; a subscriber that falls `limit` events behind is ended (it resumes by id)."""
+        if self.end_reason is not None:
+            return
+        self.pending.append(batch)
+        self.pending_events += len(batch.items)
+        if self.pending_events > limit:
+            self.pending = []
+            self.end("overflow")
+            # A client that stopped reading leaves its stream blocked in a write: cut it loose.
+            gevent.spawn_later(OVERFLOW_GRACE, self._abort)
+        self.wake.set()
+
+    def write_now(self, batch: Batch) -> None:
+        """Send the batch straight to the socket; what does not fit goes to the stream's greenlet."""
+        data = batch.chunk
+        try:
+            written = os.write(self.fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            self.end("disconnected")
+            return
+        self.last_sent = batch.last_id
+        self.last_write = time.monotonic()
+        if written < len(data):
+            self.outbuf = data[written:]
+            self.busy = True
+            self.wake.set()
+
+    def _abort(self) -> None:
+        if not self.done and self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def take(self) -> list[Batch]:
+        """Everything queued, emptying the queue."""
+        batches, self.pending, self.pending_events = self.pending, [], 0
+        return batches
+
+    def end(self, reason: str) -> None:
+        """Ask the stream to end (the first reason wins)."""
+        if self.end_reason is None:
+            self.end_reason = reason
+        self.wake.set()
+
+    def watch_socket(self) -> None:
+        """Wake the stream as soon as the client's socket turns readable (EOF: it went away); again after a wake."""
+        if self.sock is None or self.done:
+            return
+        if self.watcher is None:
+            self.watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+        self.watcher.start(self._on_readable)
+
+    def _on_readable(self) -> None:
+        # Level-triggered: stop at once, the stream greenlet peeks to tell EOF from data.
+        self.watcher.stop()
+        self.readable = True
+        self.wake.set()
+
+    def close_watcher(self) -> None:
+        """Release the socket watcher."""
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher.close()
+            self.watcher = None
