@@ -22,7 +22,7 @@ import redis
 from . import sse
 from .errors import redis_unavailable
 from .redis import make_dedicated_client
-from .store import Store, api_key_key, conv_events_key, conv_meta_key, entry_id, event_id_of, user_streams_key
+from .store import Store, api_key_key, conv_events_key, conv_meta_key, entry_id, event_id_of
 
 log = logging.getLogger(__name__)
 
@@ -385,14 +385,9 @@ class Hub:
                     sub.end("revoked")
 
     def _refresh_leases(self) -> None:
-        expiry = time.time() + self.lease_ttl
-        pipe = self._control.pipeline(transaction=False)
-        for user_id, subs in self.by_user.items():
-            members = {sub.connection_id: expiry for sub in subs if sub.connection_id}
-            if members:
-                pipe.zadd(user_streams_key(user_id), members)
-                pipe.expireat(user_streams_key(user_id), int(expiry) + 1)
-        pipe.execute()
+        leases = {user_id: [sub.connection_id for sub in subs if sub.connection_id]
+                  for user_id, subs in self.by_user.items()}
+        self.store.renew_streams({u: ids for u, ids in leases.items() if ids}, self.lease_ttl, client=self._control)
 
 
 def gevent_ready() -> bool:
