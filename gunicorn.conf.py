@@ -1,6 +1,7 @@
 """gunicorn settings: gevent workers, many connections each, streams ended cleanly on exit."""
 import os
 import resource
+from urllib.parse import unquote
 
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -90,5 +91,6 @@ def pre_request(worker, req):
     already; a HEAD of a stream now closes too (harmless). Every other request keeps keep-alive.
     """
     worker.log.debug("%s %s", req.method, req.path)  # what gunicorn's default pre_request does
-    if (req.path or "").startswith(STREAM_PATH_PREFIX):
+    # Flask routes on the unquoted path (`/api/%73se/...` is a stream too), after any SCRIPT_NAME.
+    if STREAM_PATH_PREFIX in unquote(req.path or ""):
         req.force_close()

@@ -6,6 +6,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_REDIS_SOCKET = PROJECT_ROOT / "var" / "redis.sock"
@@ -47,6 +48,17 @@ def _str(name: str, raw: str) -> str:
     return raw
 
 
+def _redis_url(name: str, raw: str) -> str:
+    options = {key.lower() for key in parse_qs(urlsplit(raw).query)}
+    refused = sorted(options & {"retry_on_timeout", "retry_on_error", "retry"})
+    if refused:
+        raise ConfigError(
+            f"{name} must not set {', '.join(refused)}: a command that may have run is never re-sent "
+            "(only failures to connect are retried)"
+        )
+    return raw
+
+
 def _providers(name: str, raw: str) -> tuple[str, ...]:
     items = tuple(sorted({p.strip() for p in raw.split(",") if p.strip()}))
     if not items:
@@ -58,7 +70,7 @@ def _providers(name: str, raw: str) -> tuple[str, ...]:
 SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "REDIS_URL": (
         f"unix://{EMBEDDED_REDIS_SOCKET}",
-        _str,
+        _redis_url,
         "Redis to use; unset: the embedded Redis that the run command starts (var/redis.sock)",
     ),
     "REDIS_POOL_SIZE": ("16", _int(2, 10_000), "Redis connections per worker for requests, at most"),
@@ -70,7 +82,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "SSE_RETRY_MS": ("3000", _int(0), "reconnection delay sent to clients in the 'retry:' line"),
     "SSE_MAX_STREAMS_PER_USER": ("100", _int(0), "open streams per user, across workers; 0: no cap"),
     "SSE_LEASE_SECONDS": (
-        "30", _float(1), "a stream's slot under the per-user cap outlives a killed worker by at most this long",
+        "30", _float(3), "a stream's slot under the per-user cap outlives a killed worker by at most this long",
     ),
     "SSE_QUEUE_MAX": ("2000", _int(1), "events a slow stream may fall behind before it is ended"),
     "SSE_COALESCE_MS": (

@@ -32,7 +32,6 @@ from .store import (
     conv_meta_key,
     entry_id,
     event_id_of,
-    user_streams_key,
 )
 from .subscriber import Batch, Subscriber
 
@@ -324,14 +323,9 @@ class Hub:
                     sub.end("revoked")
 
     def _refresh_leases(self) -> None:
-        expiry = time.time() + self.lease_ttl
-        pipe = self._control.pipeline(transaction=False)
-        for user_id, subs in self.by_user.items():
-            members = {sub.connection_id: expiry for sub in subs if sub.connection_id}
-            if members:
-                pipe.zadd(user_streams_key(user_id), members)
-                pipe.expireat(user_streams_key(user_id), int(expiry) + 1)
-        pipe.execute()
+        leases = {user_id: [sub.connection_id for sub in subs if sub.connection_id]
+                  for user_id, subs in self.by_user.items()}
+        self.store.renew_streams({u: ids for u, ids in leases.items() if ids}, self.lease_ttl, client=self._control)
 
 
 def gevent_ready() -> bool:

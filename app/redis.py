@@ -24,6 +24,14 @@ class _RetryOnlyBeforeSending:
     on the wire, an error is the caller's to handle (a 503: the write may or may not have run).
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        # Whatever the URL asked for (redis-py lets ?retry_on_timeout=true override keyword
+        # arguments), only failures before a command is sent are retried.
+        self.retry_on_timeout = False
+        self.retry_on_error = []
+        self.retry = _retry()
+
     def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
         try:
             super().connect_check_health(*args, **kwargs)  # type: ignore[misc]

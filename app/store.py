@@ -7,7 +7,10 @@ hash tag per conversation (``{<id>}``) or per user, so each script touches one s
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -100,8 +103,9 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-# Event ids go up to HINCRBY's limit; a larger id is valid to ask for, and has no events ever.
-MAX_EVENT_ID = 2**63 - 1
+# Lua numbers are doubles: ids are exact up to 2^53 (written with %d, not Lua's %.14g). A larger
+# id is valid to ask for, and has no events ever.
+MAX_EVENT_ID = 2**53 - 1
 # A create is made in three steps (the conversation's keys and the owner's index are in different
 # slots on a Cluster): until the last one, the conversation is invisible and expires by itself.
 CREATE_PENDING_TTL = 60
@@ -131,16 +135,18 @@ if field ~= '' then
   if prev and until_ and tonumber(until_) > now then return {-2, prev} end
 end
 local n = redis.call('HINCRBY', KEYS[1], 'last_event_id', 1)
-local data = '{"id":' .. n .. ',' .. ARGV[2]
+local id = string.format('%d', n)
+local data = '{"id":' .. id .. ',' .. ARGV[2]
+local entry = string.format('%d', n + 1) .. '-0'
 local retention = tonumber(ARGV[3])
 if retention > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', retention, (n + 1) .. '-0', 'e', data)
+  redis.call('XADD', KEYS[2], 'MAXLEN', retention, entry, 'e', data)
 else
-  redis.call('XADD', KEYS[2], (n + 1) .. '-0', 'e', data)
+  redis.call('XADD', KEYS[2], entry, 'e', data)
 end
 if field ~= '' then
   local expiry = now + tonumber(ARGV[5])
-  redis.call('HSET', KEYS[3], field, n .. ':' .. ARGV[6])
+  redis.call('HSET', KEYS[3], field, id .. ':' .. ARGV[6])
   redis.call('ZADD', KEYS[4], expiry, field)
   -- Both go by themselves with the newest record, so an idle conversation keeps none for long.
   redis.call('EXPIREAT', KEYS[3], expiry)
@@ -191,19 +197,61 @@ DELETE_LUA = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner or owner ~= ARGV[1] then return 0 end
 local channel = table.remove(KEYS)
-redis.call('DEL', unpack(KEYS))
+redis.call('UNLINK', unpack(KEYS))  -- a long stream is freed in the background
 redis.call(ARGV[2], channel, '""" + DELETED_NOTICE.decode() + """')
 return 1
 """
 
-# KEYS: user streams. ARGV: now, lease expiry, cap, connection id. 1 if the stream may open.
+# KEYS: user streams. ARGV: lease TTL, cap, connection id. 1 if the stream may open. Times are
+# Redis' own (TIME), so hosts whose clocks disagree still count each other's leases right.
 ACQUIRE_STREAM_LUA = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
-redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[2])))
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1e6
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+local expiry = now + tonumber(ARGV[1])
+redis.call('ZADD', KEYS[1], expiry, ARGV[3])
+redis.call('EXPIREAT', KEYS[1], math.ceil(expiry) + 1)
 return 1
 """
+
+# KEYS: user streams. ARGV: lease TTL, then the connection ids whose leases the caller renews.
+# XX: a lease released or expired meanwhile is not brought back.
+RENEW_STREAMS_LUA = """
+local now = redis.call('TIME')
+local expiry = tonumber(now[1]) + tonumber(now[2]) / 1e6 + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIREAT', KEYS[1], math.ceil(expiry) + 1) end
+return 1
+"""
+
+
+# Errors after which a command may or may not have run: only an idempotent write is sent again.
+MAYBE_RAN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def resend_idempotent(call: Callable[[], Any], attempts: int = 2) -> Any:
+    """Run an idempotent write; after a lost or late reply, send it again (it cannot apply twice)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except MAYBE_RAN:
+            if attempt == attempts:
+                raise
+            time.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")
+
+
+# What new_conversation_id makes. Anything else names no conversation, and must not reach Redis:
+# a `}` in it would break the key's hash tag (a cross-slot error on a Cluster).
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _require_id(cid: str) -> None:
+    if not CONVERSATION_ID.fullmatch(cid):
+        raise NotFound("no such conversation")
 
 
 def _text(value: bytes | None) -> str | None:
@@ -225,6 +273,7 @@ class Store:
         self._commit = client.register_script(COMMIT_LUA)
         self._delete = client.register_script(DELETE_LUA)
         self._acquire_stream = client.register_script(ACQUIRE_STREAM_LUA)
+        self._renew_streams = client.register_script(RENEW_STREAMS_LUA)
 
     # Conversations ------------------------------------------------------------------------
 
@@ -251,9 +300,20 @@ class Store:
         first = self._event_json({"type": "user_message", "content": initial_user_msg}, "user") if initial_user_msg \
             else b"{"
         keys = [conv_meta_key(cid), conv_events_key(cid)]
-        self._create(keys=keys, args=[CREATE_PENDING_TTL, first[1:], *meta])
-        self._index(keys=[user_sequence_key(owner), user_conversations_key(owner)], args=[cid])
-        if not self._commit(keys=keys, args=[owner]):
+        index = [user_sequence_key(owner), user_conversations_key(owner)]
+        resend_idempotent(lambda: self._create(keys=keys, args=[CREATE_PENDING_TTL, first[1:], *meta]))
+        resend_idempotent(lambda: self._index(keys=index, args=[cid]))
+        try:
+            committed = resend_idempotent(lambda: self._commit(keys=keys, args=[owner]))
+        except MAYBE_RAN:
+            # The client is answered 503 and never learns this id: undo, so that its retry does not
+            # make a second conversation (if this fails too, an uncommitted one expires by itself).
+            try:
+                self.delete_conversation(owner, cid)
+            except (redis.RedisError, NotFound):
+                pass
+            raise
+        if not committed:
             self.redis.zrem(user_conversations_key(owner), cid)
             raise ServiceUnavailable("the conversation could not be created in time; retry",
                                      code="redis_unavailable", headers={"Retry-After": "1"})
@@ -268,6 +328,7 @@ class Store:
 
     def get_conversation(self, owner: str, cid: str) -> dict[str, Any]:
         """The conversation as API.md shows it; NotFound if missing or another user's."""
+        _require_id(cid)
         meta = self.redis.hgetall(conv_meta_key(cid))
         self._check_owner(meta, owner)
         return self._public(cid, meta)
@@ -306,15 +367,19 @@ class Store:
 
     def delete_conversation(self, owner: str, cid: str) -> None:
         """Delete the owner's conversation, every key of it, and its index entry; NotFound otherwise."""
-        deleted = self._delete(keys=[*conversation_keys(cid), conv_channel(cid)], args=[owner, self.publish])
+        _require_id(cid)
+        keys = [*conversation_keys(cid), conv_channel(cid)]
+        deleted = resend_idempotent(lambda: self._delete(keys=keys, args=[owner, self.publish]))
         # Still in the owner's index after the keys are gone: a retry of a delete whose answer was
         # lost (or a create cut off). It was theirs and it is gone now, which is what they asked.
-        unindexed = self.redis.zrem(user_conversations_key(owner), cid)
+        unindexed = resend_idempotent(lambda: self.redis.zrem(user_conversations_key(owner), cid))
         if not deleted and not unindexed:
             raise NotFound("no such conversation")
 
     def conversation_owner(self, cid: str) -> str | None:
         """The owner of a visible conversation, or None when there is none."""
+        if not CONVERSATION_ID.fullmatch(cid):
+            return None
         owner, pending = self.redis.hmget(conv_meta_key(cid), "owner", "pending")
         return _text(owner) if pending is None else None
 
@@ -342,12 +407,16 @@ class Store:
         `owner` None skips the ownership check (the agent runtime writes to any conversation).
         `idempotency` is (hashed Idempotency-Key, digest of the body).
         """
+        _require_id(cid)
         idem_key, digest = idempotency if idempotency else ("", "")
         keys = [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid), idempotency_expiry_key(cid),
                 conv_channel(cid)]
         body = self._event_json(fields, source)
-        result = self._append(keys=keys, args=[owner or "", body[1:], self.retention, idem_key, self.idempotency_ttl,
-                                               digest, self.publish])
+        args = [owner or "", body[1:], self.retention, idem_key, self.idempotency_ttl, digest, self.publish]
+        # With an Idempotency-Key the append is answered from its record when it ran already, so a
+        # lost reply is resent; without one it may run twice: the caller gets its 503 instead.
+        append = lambda: self._append(keys=keys, args=args)  # noqa: E731
+        result = resend_idempotent(append) if idempotency else append()
         if result[0] == -1:
             raise NotFound("no such conversation")
         if result[0] == -2:
@@ -359,6 +428,7 @@ class Store:
 
     def list_events(self, owner: str, cid: str, start_id: int, limit: int) -> tuple[list[bytes], bool]:
         """Stored event JSON from `start_id` on (at most `limit`) and whether more follow."""
+        _require_id(cid)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(conv_meta_key(cid), "owner", "pending")
         # Past the largest possible id there is nothing (and Redis would refuse the entry id).
@@ -420,9 +490,16 @@ class Store:
 
     # Stream leases (per-user cap across workers) ------------------------------------------
 
-    def acquire_stream(self, user_id: str, connection_id: str, cap: int, now: float, ttl: float) -> bool:
+    def acquire_stream(self, user_id: str, connection_id: str, cap: int, ttl: float) -> bool:
         """Take one of the user's `cap` stream slots for `ttl` seconds; False when all are taken."""
-        return bool(self._acquire_stream(keys=[user_streams_key(user_id)], args=[now, now + ttl, cap, connection_id]))
+        return bool(self._acquire_stream(keys=[user_streams_key(user_id)], args=[ttl, cap, connection_id]))
+
+    def renew_streams(self, leases: dict[str, list[str]], ttl: float, client: redis.Redis | None = None) -> None:
+        """Renew the leases of these users' open streams (user id -> connection ids) for `ttl` seconds."""
+        pipe = (client or self.redis).pipeline(transaction=False)
+        for user_id, connection_ids in leases.items():
+            self._renew_streams(keys=[user_streams_key(user_id)], args=[ttl, *connection_ids], client=pipe)
+        pipe.execute()
 
     def release_stream(self, user_id: str, connection_id: str) -> None:
         """Give a stream slot back."""

@@ -29,13 +29,15 @@ def parse_int(name: str, raw: str | None, *, default: int, minimum: int, maximum
     # [0-9], not \d: \d also matches other scripts' digits, which no client means as a number.
     if not re.fullmatch(r"[+-]?[0-9]+", text):
         raise BadRequest(f"{name} must be an integer, got {raw[:40]!r}")
-    if len(text.lstrip("+-").lstrip("0")) > MAX_DIGITS:
-        if text.startswith("-"):
+    negative = text.startswith("-")
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    if len(digits) > MAX_DIGITS:
+        if negative:
             raise BadRequest(f"{name} must be >= {minimum}, got {text[:20]}…")
         if maximum is not None:
             return maximum
         raise BadRequest(f"{name} has more than {MAX_DIGITS} digits")
-    value = int(text)
+    value = -int(digits) if negative else int(digits)  # zeros stripped: int() takes at most 4300 digits
     if value < minimum:
         raise BadRequest(f"{name} must be >= {minimum}, got {str(value)[:40]}")
     return min(value, maximum) if maximum is not None else value

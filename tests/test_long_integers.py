@@ -68,3 +68,30 @@ def test_a_stream_with_a_huge_negative_id_is_a_400(api):
     cid = api.create()
     stream = open_stream(api.port, f"/api/sse/conversations/{cid}/events?latest_event_id=-{'9' * 30}", bearer(api.key))
     assert stream.status == 400 and b"latest_event_id" in stream.body
+
+
+@pytest.mark.parametrize("value", ["0" * 4400, "0" * 5000 + "7", "+" + "0" * 4400 + "12"])
+def test_leading_zeros_do_not_count_as_digits(client, key, value):
+    cid = create(client, key, initial_user_msg="hello")
+    response = client.get(f"/api/conversations/{cid}/events?start_id={value}", headers=bearer(key))
+    assert response.status_code == 200, response.data
+
+
+def test_ids_past_the_lua_number_format_stay_exact(app, client, key, redis_client):
+    """Lua writes numbers with %.14g: ids from 10^14 on must still be written as integers."""
+    cid = create(client, key)
+    redis_client.hset(f"conv:{{{cid}}}:meta", "last_event_id", 10**14 - 2)
+    ids = [client.post(f"/api/conversations/{cid}/events", headers=bearer(key),
+                       json={"type": "user_message", "content": "x"}).get_json()["event_id"] for _ in range(3)]
+    assert ids == [10**14 - 1, 10**14, 10**14 + 1]
+    listed = client.get(f"/api/conversations/{cid}/events?start_id={10**14}", headers=bearer(key)).get_json()
+    assert [e["id"] for e in listed["events"]] == [10**14, 10**14 + 1]
+
+
+@pytest.mark.parametrize("cid", ["a}b", "{x}", "a b", "é", "x" * 65])
+def test_an_id_not_shaped_like_ours_is_404_without_touching_redis(client, key, cid):
+    for method in ("GET", "DELETE"):
+        assert_error(client.open(f"/api/conversations/{cid}", method=method, headers=bearer(key)), 404, "not_found")
+    assert_error(client.post(f"/api/conversations/{cid}/events", headers=bearer(key),
+                             json={"type": "user_message", "content": "x"}), 404, "not_found")
+    assert_error(client.get(f"/api/conversations/{cid}/events", headers=bearer(key)), 404, "not_found")

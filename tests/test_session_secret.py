@@ -92,3 +92,4 @@ def test_a_configured_secret_key_needs_no_file(redis_server, tmp_path):
     app = create_app({"REDIS_URL": redis_server.url, "SECRET_KEY": "configured", "SECRET_KEY_FILE": str(path)})
     app.extensions["redis"].connection_pool.disconnect()
     assert not Path(path).exists()
+

@@ -68,7 +68,7 @@ def test_a_killed_workers_slots_are_free_within_the_lease_time(start_server, mak
     old = server.worker_pids()[0]
     os.kill(old, signal.SIGKILL)
     assert all(s.ended(5) for s in streams)
-    wait_until(lambda: server.worker_pids() and server.worker_pids()[0] != old and server.healthy(), 30,
+    wait_until(lambda: (lambda pids: pids and pids[0] != old and server.healthy())(server.worker_pids()), 30,
                what="a new worker")
     held = leases(redis_client)
     assert held == 2 or opens(server, api, cid) == 200  # slow machine: the leases may already be gone

@@ -504,3 +504,20 @@ def test_stream_requests_close_and_other_requests_keep_alive(start_server, make_
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_a_stream_path_written_with_escapes_still_closes_its_connection(start_server, make_key):
+    """Flask routes `/api/%73se/...` as a stream: the connection must close after it all the same."""
+    server = start_server(SSE_HEARTBEAT_SECONDS="60")
+    api = Api(server.base, make_key("alice"))
+    cid = api.create()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET /api/%73se/conversations/{cid}/events HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {api.key}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            assert chunk, head
+            head += chunk
+        lines = head.split(b"\r\n\r\n", 1)[0].lower().split(b"\r\n")
+        assert lines[0].startswith(b"http/1.1 200") and b"connection: close" in lines, lines

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 
 from flask import Blueprint, Response, current_app, request
 
@@ -49,7 +48,7 @@ def _acquire_slot(store: Store, user_id: str, connection_id: str) -> None:
     # holds: a stream that never starts, or whose worker is killed, frees its slot within the TTL.
     config = current_app.config
     cap = config["SSE_MAX_STREAMS_PER_USER"]
-    if cap and not store.acquire_stream(user_id, connection_id, cap, time.time(), config["SSE_LEASE_SECONDS"]):
+    if cap and not store.acquire_stream(user_id, connection_id, cap, config["SSE_LEASE_SECONDS"]):
         raise TooManyRequests(f"at most {cap} streams may be open per user", headers={"Retry-After": "5"})
 
 
@@ -100,6 +99,8 @@ def stream_events(cid: str) -> Response:
     try:
         hub.subscribe(sub)  # on failure it has forgotten the stream and given its slot back
     except HubUnavailable as err:
+        if hub.closing:  # began to exit while the slot was taken
+            return Response(stream.stored_then_end(store, sub, opening), headers=STREAM_HEADERS)
         raise ServiceUnavailable(str(err), headers={"Retry-After": "1"}) from None
     body = stream.stream(hub, store, sub, opening, config["SSE_HEARTBEAT_SECONDS"])
     return Response(body, headers=STREAM_HEADERS)
