@@ -9,6 +9,8 @@ reads from the streams what it may have missed.
 """
 from __future__ import annotations
 
+import inspect
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from .redis import connection_name
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_BATCH = 1000  # channels per SUBSCRIBE/UNSUBSCRIBE command
+MAX_BATCH = 1000  # messages handed on at once (then the read loop yields)
 PING_INTERVAL = 10.0  # an idle pub/sub connection is checked this often...
 READ_TIMEOUT = 3 * PING_INTERVAL  # ...and given up after this long without a byte
 MESSAGE_KINDS = (b"message", b"smessage")
@@ -53,6 +56,7 @@ class Listener:
         self.unconfirmed: dict[bytes, int] = {}  # confirmations still to come, per channel
         self.connected = False
         self.connections = 0  # how many times it connected (the first is not a reconnect)
+        self.generation = 0  # which connection the sets above describe
         self._conn: Any = None
         self._changed = gevent.event.Event()
         self._greenlets = [gevent.spawn(self._read_loop), gevent.spawn(self._write_loop)]
@@ -82,12 +86,15 @@ class Listener:
 
     def _connect(self) -> Any:
         options = parse_url(self.url)
-        cls = options.pop("connection_class", redis.Connection)
+        cls = _one_shot(options.pop("connection_class", redis.Connection))
+        accepted = inspect.signature(cls.__init__).parameters
+        options = {k: v for k, v in options.items() if k in accepted}  # pool options stay the pool's
         # RESP2: messages are plain replies to read (RESP3 would route them to a push handler).
         # health_check_interval 0: a health-check PING would read this connection's replies, which
         # belong to the read loop. Liveness comes from the write loop's PINGs and READ_TIMEOUT.
-        conn = cls(**options, client_name=connection_name("hub-pubsub"), socket_timeout=READ_TIMEOUT,
-                   socket_connect_timeout=2.0, health_check_interval=0, protocol=2)
+        options.update(client_name=connection_name("hub-pubsub"), socket_timeout=READ_TIMEOUT,
+                       socket_connect_timeout=2.0, health_check_interval=0, protocol=2)
+        conn = cls(**options)
         conn.connect()
         return conn
 
@@ -95,13 +102,15 @@ class Listener:
         backoff = 0.05
         while True:
             try:
-                self._conn = conn = self._connect()
+                conn = self._connect()
             except Exception as err:  # noqa: BLE001 - whatever it is, retry later
                 log.warning("hub pub/sub: cannot connect (%s); retrying in %.2fs", type(err).__name__, backoff)
                 gevent.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            self.sent, self.unconfirmed, self.connected = set(), {}, True
+            # A new generation: what the write loop did for the old connection no longer counts.
+            self.generation += 1
+            self._conn, self.sent, self.unconfirmed, self.connected = conn, set(), {}, True
             self.connections += 1
             backoff = 0.05
             self._changed.set()
@@ -110,6 +119,7 @@ class Listener:
             try:
                 self._read(conn)
             except Exception as err:  # noqa: BLE001 - the loop must survive anything
+                self.connected = False
                 if isinstance(err, redis.RedisError):
                     log.warning("hub pub/sub: connection lost (%s); reconnecting", type(err).__name__)
                 else:
@@ -125,15 +135,18 @@ class Listener:
         while True:
             batch: list[tuple[bytes, bytes]] = []
             reply = conn.read_response()
-            while True:
+            for _ in range(MAX_BATCH):
                 self._take(reply, batch)
                 # What is already buffered goes out as one batch: under load one write per
                 # subscriber then carries several events.
                 if not conn.can_read(timeout=0):
                     break
                 reply = conn.read_response()
+            else:
+                self._take(reply, batch)
             if batch:
                 self.on_messages(batch)
+            gevent.sleep(0)  # a long backlog must not starve the worker's other greenlets
 
     def _take(self, reply: Any, batch: list[tuple[bytes, bytes]]) -> None:
         if not isinstance(reply, list) or len(reply) < 3:
@@ -155,30 +168,53 @@ class Listener:
             try:
                 changed = self._changed.wait(timeout=PING_INTERVAL)
                 self._changed.clear()
-                conn = self._conn
+                generation, conn = self.generation, self._conn
                 if conn is None or not self.connected:
                     continue
                 if not changed:
                     conn.send_command("PING", check_health=False)
                     continue
                 subscribe, unsubscribe = self.commands
-                self._send(conn, unsubscribe, self.sent - self.wanted)
-                self._send(conn, subscribe, self.wanted - self.sent)
+                # One channel at a time is taken from the sets just before it is sent, so that a
+                # send that yields never leaves the sets saying more than went out.
+                while self._send_one(generation, conn, unsubscribe, self.sent - self.wanted) \
+                        or self._send_one(generation, conn, subscribe, self.wanted - self.sent):
+                    pass
             except Exception as err:  # noqa: BLE001 - the read loop reconnects; this one carries on
                 log.warning("hub pub/sub: write failed (%s)", type(err).__name__)
                 gevent.sleep(0.1)
 
-    def _send(self, conn: Any, command: bytes, channels: set[bytes]) -> None:
-        todo = list(channels)
-        for start in range(0, len(todo), SUBSCRIBE_BATCH):
-            chunk = todo[start:start + SUBSCRIBE_BATCH]
-            if command.endswith(b"UNSUBSCRIBE"):
-                self.sent.difference_update(chunk)
-            else:
-                self.sent.update(chunk)
-            for channel in chunk:
-                self.unconfirmed[channel] = self.unconfirmed.get(channel, 0) + 1
-            conn.send_command(command, *chunk, check_health=False)
+    def _send_one(self, generation: int, conn: Any, command: bytes, channels: set[bytes]) -> bool:
+        """Send `command` for up to SUBSCRIBE_BATCH of `channels` on the current connection; whether it did."""
+        if not channels or generation != self.generation or not self.connected:
+            return False
+        chunk = list(itertools.islice(channels, SUBSCRIBE_BATCH))
+        if command.endswith(b"UNSUBSCRIBE"):
+            self.sent.difference_update(chunk)
+        else:
+            self.sent.update(chunk)
+        for channel in chunk:
+            self.unconfirmed[channel] = self.unconfirmed.get(channel, 0) + 1
+        conn.send_command(command, *chunk, check_health=False)
+        return True
+
+
+def _one_shot(cls: type) -> type:
+    """`cls`, made to connect once only (redis-py reconnects a closed one on the next send)."""
+    # A silent reconnect by the write loop would subscribe a new socket behind the read loop's back.
+    if cls not in _ONE_SHOT:
+        def connect_check_health(self: Any, *args: Any, **kwargs: Any) -> None:
+            if getattr(self, "_connected_once", False):
+                raise redis.exceptions.ConnectionError("the pub/sub connection was lost")
+            super(one_shot, self).connect_check_health(*args, **kwargs)
+            self._connected_once = True
+
+        one_shot = type(f"OneShot{cls.__name__}", (cls,), {"connect_check_health": connect_check_health})
+        _ONE_SHOT[cls] = one_shot
+    return _ONE_SHOT[cls]
+
+
+_ONE_SHOT: dict[type, type] = {}
 
 
 def wait_for(check: Callable[[], bool], event: gevent.event.Event, timeout: float) -> bool:

@@ -196,6 +196,7 @@ class Hub:
     def _on_messages(self, messages: list[tuple[bytes, bytes]]) -> None:
         # Grouped per conversation, in the order Redis published them (its ids' order).
         grouped: dict[Conversation, list[tuple[int, bytes]]] = {}
+        deleted: list[Conversation] = []
         for channel, data in messages:
             conv = self.by_channel.get(channel)
             if conv is None:
@@ -204,13 +205,15 @@ class Hub:
             if event_id is not None:
                 grouped.setdefault(conv, []).append((event_id, sse.event_frame(event_id, data)))
             elif data == DELETED_NOTICE:
-                for sub in list(conv.subscribers):
-                    sub.end("deleted")
+                deleted.append(conv)
             else:
                 log.warning("hub: ignored a malformed announcement on %s", channel[:80])
         writes = 0
         for conv, items in grouped.items():
             writes += self._dispatch(conv, items)
+        for conv in deleted:  # after the events announced before it: those still go out
+            for sub in list(conv.subscribers):
+                sub.end("deleted")
         if self.coalesce and writes >= COALESCE_MIN_WRITES:
             # Under fan-out, each socket write costs a syscall whatever it carries: waiting a few
             # ms lets the next batch bring several events, written once per subscriber.
@@ -237,8 +240,9 @@ class Hub:
     def _fill(self, conv: Conversation, before: int) -> list[tuple[int, bytes]]:
         """The stored events between the conversation's position and `before` (announcements missed)."""
         try:
+            # At most a page: past it, each subscriber reads the rest of the gap itself.
             entries = self._control.xrange(conv_events_key(conv.cid), min=entry_id(conv.position + 1),
-                                           max=entry_id(before - 1), count=before - conv.position)
+                                           max=entry_id(before - 1), count=min(before - conv.position, RESYNC_PAGE))
         except redis.RedisError:
             return []  # the subscribers close the gap from Redis themselves
         return self._frames(entries)
@@ -254,26 +258,41 @@ class Hub:
         return items
 
     def _resync_loop(self) -> None:
-        # After a pub/sub reconnect, announcements made while it was down are lost: once every
-        # channel is subscribed again, read them from the streams (the truth).
+        # After a pub/sub reconnect, announcements made while it was down are lost: once the
+        # channels are subscribed again, read them from the streams (the truth). Retried until it
+        # succeeds (Redis may still be loading): a quiet conversation has no later event to
+        # reveal the gap.
         self._resync.wait()
         self._resync.clear()
-        while not self.listener.confirmed:
-            gevent.sleep(0.05)
-        convs = list(self.conversations.values())
+        backoff = 0.05
+        while True:
+            convs = [c for c in self.conversations.values() if c.subscribers]
+            if not all(self.listener.is_subscribed(c.channel) for c in convs):
+                gevent.sleep(0.05)
+                continue
+            try:
+                self._resync_once(convs)
+                self._check_once(conversations=True)
+                return
+            except redis.RedisError as err:
+                log.warning("hub: reading what pub/sub missed failed (%s); again in %.2fs", type(err).__name__,
+                            backoff)
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    def _resync_once(self, convs: list[Conversation]) -> None:
         for start in range(0, len(convs), RESYNC_PIPELINE):
             chunk = [c for c in convs[start:start + RESYNC_PIPELINE] if c.subscribers]
+            if not chunk:
+                continue
             pipe = self._control.pipeline(transaction=False)
-            afters = []
             for conv in chunk:
                 after = conv.position if conv.position is not None else min(s.last_sent for s in conv.subscribers)
-                afters.append(after)
                 pipe.xrange(conv_events_key(conv.cid), min=entry_id(after + 1), max="+", count=RESYNC_PAGE)
             for conv, entries in zip(chunk, pipe.execute()):
                 items = self._frames(entries)
-                if items:
+                if items and conv.subscribers:
                     self._dispatch(conv, items)
-        self._check_once(conversations=True)
 
     # Deleted conversations, revoked keys, stream leases -------------------------------------
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -35,7 +36,7 @@ def client_gone(sock: socket.socket) -> bool:
         while True:
             if not sock.recv(DRAIN_BYTES):
                 return True
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantReadError):  # nothing more to read now (TLS says it its way)
         return False
     except OSError:
         return True

@@ -65,7 +65,8 @@ class Subscriber:
         if self.end_reason is not None:
             return
         self.pending.append(batch)
-        self.pending_events += len(batch.items)
+        # Only what it does not have yet counts (a re-read batch may overlap what it sent).
+        self.pending_events += max(0, batch.last_id - max(self.last_sent, batch.first_id - 1))
         if self.pending_events > limit:
             self.pending = []
             self.end("overflow")

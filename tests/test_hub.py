@@ -196,3 +196,13 @@ def test_healthz_says_503_when_the_hub_cannot_read(server, api, redis_client):
         redis_client.config_set("requirepass", "")
     wait_until(lambda: health(server)[0] == 200, 10, what="/healthz back to 200")
     assert api.post(cid) == 0 and ids_of(stream.take(1)) == [0]
+
+
+def test_options_in_the_redis_url_reach_the_pool_and_do_not_stop_the_hub(start_server, redis_server, make_key):
+    url = redis_server.url + "?socket_timeout=5&health_check_interval=30&max_connections=50&protocol=2"
+    server = start_server(redis_url=url)
+    api = Api(server.base, make_key("alice"))
+    cid = api.create()
+    stream = open_stream(server.port, SSE.format(cid), bearer(api.key))
+    assert stream.status == 200 and stream.take(1)[0].event == "connection"
+    assert api.post(cid) == 0 and ids_of(stream.take(1)) == [0]

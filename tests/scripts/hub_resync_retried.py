@@ -1,0 +1,55 @@
+"""Under gevent: the first read after a pub/sub reconnect fails (as -LOADING would); prints JSON of what arrived."""
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import gevent  # noqa: E402
+import redis  # noqa: E402
+
+from app import stream  # noqa: E402
+from app.hub import Hub  # noqa: E402
+from app.store import Store  # noqa: E402
+from app.subscriber import Subscriber  # noqa: E402
+
+url = sys.argv[1]
+r = redis.Redis.from_url(url)
+store = Store(r)
+hub = Hub(url, store, queue_max=2000, stream_cap=0)
+cid = store.new_conversation_id()
+store.create_conversation("u1", cid, repository=None, branch=None, title="t", initial_user_msg="hello")
+sub = Subscriber(cid, "u1", "k1", "", -1, None)  # no socket: the path through the stream's greenlet
+hub.subscribe(sub)
+out: list[bytes] = []
+gevent.spawn(lambda: out.extend(stream.stream(hub, store, sub, b"", 15.0)))
+gevent.sleep(0.3)
+real, failures = hub._control.pipeline, []
+
+
+class FailingOnce:
+    """A pipeline whose first execute fails as a Redis still loading its data would answer."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def execute(self):
+        if not failures:
+            failures.append(1)
+            raise redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory")
+        return self.pipe.execute()
+
+
+hub._control.pipeline = lambda **kw: FailingOnce(real(**kw))
+r.client_kill_filter(_type="pubsub")
+store.append_event("u1", cid, {"type": "x", "n": 1}, source="agent")  # announced while not subscribed
+for _ in range(100):
+    if sub.last_sent == 1:
+        break
+    gevent.sleep(0.05)
+print(json.dumps({"failures": len(failures), "last_sent": sub.last_sent,
+                  "ids": [line for line in b"".join(out).decode().splitlines() if line.startswith("id:")]}))
