@@ -28,6 +28,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         redis_ext.get_redis(app),
         retention=app.config["EVENT_RETENTION"],
         idempotency_ttl=app.config["IDEMPOTENCY_TTL_SECONDS"],
+        min_replicas=app.config["REDIS_MIN_REPLICAS_ACK"],
+        replicas_timeout_ms=app.config["REDIS_REPLICAS_ACK_TIMEOUT_MS"],
     )
     errors.init_app(app)
     auth.init_app(app)

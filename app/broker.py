@@ -9,7 +9,6 @@ reads from the streams what it may have missed.
 """
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import time
@@ -19,9 +18,8 @@ from typing import Any
 import gevent
 import gevent.event
 import redis
-from redis.connection import parse_url
 
-from .redis import connection_name
+from .redis import connect_once
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +83,7 @@ class Listener:
         return self.connected and channel in self.sent and channel not in self.unconfirmed
 
     def _connect(self) -> Any:
-        options = parse_url(self.url)
-        cls = _one_shot(options.pop("connection_class", redis.Connection))
-        accepted = inspect.signature(cls.__init__).parameters
-        options = {k: v for k, v in options.items() if k in accepted}  # pool options stay the pool's
-        # RESP2: messages are plain replies to read (RESP3 would route them to a push handler).
-        # health_check_interval 0: a health-check PING would read this connection's replies, which
-        # belong to the read loop. Liveness comes from the write loop's PINGs and READ_TIMEOUT.
-        options.update(client_name=connection_name("hub-pubsub"), socket_timeout=READ_TIMEOUT,
-                       socket_connect_timeout=2.0, health_check_interval=0, protocol=2)
-        conn = cls(**options)
-        conn.connect()
-        return conn
+        return connect_once(self.url, "hub-pubsub", READ_TIMEOUT)
 
     def _read_loop(self) -> None:
         backoff = 0.05
@@ -197,24 +184,6 @@ class Listener:
             self.unconfirmed[channel] = self.unconfirmed.get(channel, 0) + 1
         conn.send_command(command, *chunk, check_health=False)
         return True
-
-
-def _one_shot(cls: type) -> type:
-    """`cls`, made to connect once only (redis-py reconnects a closed one on the next send)."""
-    # A silent reconnect by the write loop would subscribe a new socket behind the read loop's back.
-    if cls not in _ONE_SHOT:
-        def connect_check_health(self: Any, *args: Any, **kwargs: Any) -> None:
-            if getattr(self, "_connected_once", False):
-                raise redis.exceptions.ConnectionError("the pub/sub connection was lost")
-            super(one_shot, self).connect_check_health(*args, **kwargs)
-            self._connected_once = True
-
-        one_shot = type(f"OneShot{cls.__name__}", (cls,), {"connect_check_health": connect_check_health})
-        _ONE_SHOT[cls] = one_shot
-    return _ONE_SHOT[cls]
-
-
-_ONE_SHOT: dict[type, type] = {}
 
 
 def wait_for(check: Callable[[], bool], event: gevent.event.Event, timeout: float) -> bool:

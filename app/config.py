@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from .redis import sentinel_url
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_REDIS_SOCKET = PROJECT_ROOT / "var" / "redis.sock"
 SECRET_KEY_FILE = PROJECT_ROOT / "var" / "secret_key"
@@ -49,6 +51,16 @@ def _str(name: str, raw: str) -> str:
 
 
 def _redis_url(name: str, raw: str) -> str:
+    scheme = urlsplit(raw).scheme
+    if scheme == "redis+cluster":
+        raise ConfigError(f"{name}: Redis Cluster (redis+cluster://) is not supported by this version yet")
+    if scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
+        raise ConfigError(f"{name} must be a redis://, rediss://, unix:// or redis+sentinel:// URL")
+    if scheme == "redis+sentinel":
+        try:
+            sentinel_url(raw)
+        except ValueError as err:
+            raise ConfigError(f"{name}: {err}") from None
     options = {key.lower() for key in parse_qs(urlsplit(raw).query)}
     refused = sorted(options & {"retry_on_timeout", "retry_on_error", "retry"})
     if refused:
@@ -72,6 +84,12 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         f"unix://{EMBEDDED_REDIS_SOCKET}",
         _redis_url,
         "Redis to use; unset: the embedded Redis that the run command starts (var/redis.sock)",
+    ),
+    "REDIS_MIN_REPLICAS_ACK": (
+        "0", _int(0, 100), "replicas that must confirm an event (WAIT) before its post is answered; 0: none",
+    ),
+    "REDIS_REPLICAS_ACK_TIMEOUT_MS": (
+        "1000", _int(1, 60_000), "how long a post waits for those replicas before it answers 503",
     ),
     "REDIS_POOL_SIZE": ("16", _int(2, 10_000), "Redis connections per worker for requests, at most"),
     "REDIS_TIMEOUT_SECONDS": ("5", _float(0.1), "socket timeout of a Redis command made for a request"),

@@ -1,14 +1,25 @@
-"""The one Redis client (a bounded, blocking pool) of a worker process, and its accessor."""
+"""The Redis clients of a worker process (a bounded, blocking pool; the hub's own connections), and the accessor.
+
+`REDIS_URL` names a single Redis (`redis://`, `rediss://`, `unix://`) or a Sentinel-managed master
+(`redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db][?options]`).
+"""
 from __future__ import annotations
 
+import inspect
 import os
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
+import redis.sentinel
 from flask import Flask, current_app
 from redis.backoff import ExponentialBackoff
 from redis.connection import AbstractConnection, parse_url
 from redis.retry import Retry
+
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_PORT = 26379
 
 
 class ConnectFailed(redis.exceptions.ConnectionError):
@@ -52,12 +63,15 @@ class _RetryOnlyBeforeSending:
 _SAFE_CLASSES: dict[type, type] = {}
 
 
-def safe_connection_class(url: str) -> type[AbstractConnection]:
-    """The connection class `url` asks for (TCP, TLS, unix socket), retrying only before sending."""
-    base = parse_url(url).get("connection_class", redis.Connection)
+def _safe_subclass(base: type) -> type[AbstractConnection]:
     if base not in _SAFE_CLASSES:
         _SAFE_CLASSES[base] = type(f"RetryBeforeSending{base.__name__}", (_RetryOnlyBeforeSending, base), {})
     return _SAFE_CLASSES[base]
+
+
+def safe_connection_class(url: str) -> type[AbstractConnection]:
+    """The connection class `url` asks for (TCP, TLS, unix socket), retrying only before sending."""
+    return _safe_subclass(parse_url(url).get("connection_class", redis.Connection))
 
 
 def _retry() -> Retry:
@@ -71,19 +85,77 @@ def connection_name(role: str) -> str:
     return f"oh-sse:{os.getpid()}:{role}"
 
 
+@dataclass(frozen=True)
+class SentinelUrl:
+    """What a `redis+sentinel://` URL names: the sentinels, the service, and the master's options."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    options: dict[str, Any]
+
+
+def sentinel_url(url: str) -> SentinelUrl | None:
+    """The parts of a `redis+sentinel://` URL; None for any other URL."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        return None
+    sentinels = []
+    for item in parts.netloc.rpartition("@")[2].split(","):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+        sentinels.append((host, int(port) if port else SENTINEL_PORT))
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if not path or not all(h for h, _ in sentinels):
+        raise ValueError("a redis+sentinel:// URL needs host:port[,host:port...]/service_name")
+    options: dict[str, Any] = {"db": int(path[1]) if len(path) > 1 else 0}
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    if parts.password:
+        options["password"] = unquote(parts.password)
+    if parts.query:  # redis-py's own parsing of the query options
+        options.update({k: v for k, v in parse_url(f"redis://localhost/?{parts.query}").items()
+                        if k not in ("host", "port", "db")})
+    return SentinelUrl(tuple(sentinels), path[0], options)
+
+
+_SENTINELS: dict[tuple, redis.sentinel.Sentinel] = {}
+
+
+def _sentinel(target: SentinelUrl) -> redis.sentinel.Sentinel:
+    key = (target.sentinels, target.service)
+    if key not in _SENTINELS:
+        sentinel_auth = {k: v for k, v in target.options.items() if k in ("username", "password")}
+        _SENTINELS[key] = redis.sentinel.Sentinel(
+            list(target.sentinels), socket_timeout=2.0,
+            sentinel_kwargs={"socket_timeout": 2.0, "socket_connect_timeout": 2.0, **sentinel_auth},
+        )
+    return _SENTINELS[key]
+
+
+class BlockingSentinelConnectionPool(redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
+    """A pool of the Sentinel-named master's connections that waits (bounded) for a free one."""
+
+
+def _pool(url: str, *, size: int, timeout: float, role: str, socket_timeout: float | None, safe: bool,
+          health_check_interval: int = 0) -> redis.ConnectionPool:
+    retry = _retry() if safe else Retry(ExponentialBackoff(cap=0.2, base=0.05), 0)
+    options: dict[str, Any] = dict(client_name=connection_name(role), max_connections=size, timeout=timeout,
+                                   socket_timeout=socket_timeout, socket_connect_timeout=min(timeout, 2.0),
+                                   health_check_interval=health_check_interval, retry=retry)
+    target = sentinel_url(url)
+    if target is None:
+        if safe:
+            options["connection_class"] = safe_connection_class(url)
+        return redis.BlockingConnectionPool.from_url(url, **options)
+    cls = redis.sentinel.SentinelManagedConnection
+    options = {**options, **target.options}  # the URL's options win, as from_url does
+    options["connection_class"] = _safe_subclass(cls) if safe else cls
+    return BlockingSentinelConnectionPool(target.service, _sentinel(target), **options)
+
+
 def make_pool(url: str, size: int, timeout: float) -> redis.ConnectionPool:
     """A pool that waits (bounded) for a free connection instead of opening more than `size`."""
-    return redis.BlockingConnectionPool.from_url(
-        url,
-        connection_class=safe_connection_class(url),
-        client_name=connection_name("pool"),
-        max_connections=size,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=min(timeout, 2.0),
-        health_check_interval=30,
-        retry=_retry(),
-    )
+    return _pool(url, size=size, timeout=timeout, role="pool", socket_timeout=timeout, safe=True,
+                 health_check_interval=30)
 
 
 def make_client(pool: redis.ConnectionPool) -> redis.Redis:
@@ -92,17 +164,50 @@ def make_client(pool: redis.ConnectionPool) -> redis.Redis:
 
 
 def make_dedicated_client(url: str, role: str, socket_timeout: float | None) -> redis.Redis:
-    """A client of exactly one connection (the hub's reader, its control): pipelines included."""
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=1,
-        timeout=30,
-        client_name=connection_name(role),
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=2.0,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 0),
-    )
-    return redis.Redis(connection_pool=pool)
+    """A client of exactly one connection (the hub's control): pipelines included, nothing re-sent."""
+    return redis.Redis(connection_pool=_pool(url, size=1, timeout=30, role=role, socket_timeout=socket_timeout,
+                                             safe=False))
+
+
+def connect_once(url: str, role: str, socket_timeout: float) -> Any:
+    """A connected connection (RESP2, no health checks) that never reconnects itself: the hub's pub/sub.
+
+    redis-py reconnects a closed connection on its next send, which for a pub/sub connection
+    would subscribe a new socket behind its reader's back; this one raises instead.
+    """
+    target = sentinel_url(url)
+    if target is None:
+        options = parse_url(url)
+        cls = options.pop("connection_class", redis.Connection)
+    else:
+        host, port = _sentinel(target).discover_master(target.service)  # asked again at every connect
+        options, cls = {**target.options, "host": host, "port": port}, redis.Connection
+    cls = _one_shot(cls)
+    accepted = inspect.signature(cls.__init__).parameters
+    options = {k: v for k, v in options.items() if k in accepted}  # pool options stay the pool's
+    # RESP2: messages are plain replies to read (RESP3 would route them to a push handler).
+    # health_check_interval 0: a health-check PING would read the replies that belong to the reader.
+    options.update(client_name=connection_name(role), socket_timeout=socket_timeout, socket_connect_timeout=2.0,
+                   health_check_interval=0, protocol=2)
+    conn = cls(**options)
+    conn.connect()
+    return conn
+
+
+_ONE_SHOT: dict[type, type] = {}
+
+
+def _one_shot(cls: type) -> type:
+    if cls not in _ONE_SHOT:
+        def connect_check_health(self: Any, *args: Any, **kwargs: Any) -> None:
+            if getattr(self, "_connected_once", False):
+                raise redis.exceptions.ConnectionError("the pub/sub connection was lost")
+            super(one_shot, self).connect_check_health(*args, **kwargs)
+            self._connected_once = True
+
+        one_shot = type(f"OneShot{cls.__name__}", (cls,), {"connect_check_health": connect_check_health})
+        _ONE_SHOT[cls] = one_shot
+    return _ONE_SHOT[cls]
 
 
 def init_app(app: Flask) -> None:

@@ -24,7 +24,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app import create_app, store
+from app import create_app, lua
 
 from .conftest import Api, bearer
 from .faultproxy import Argv, Fault, FaultProxy, command_name, describe
@@ -95,7 +95,7 @@ CREATE_STEPS: dict[str, Callable[[Argv], bool]] = {
     "meta": writes(any_conv_key("meta")),
     "index": writes(exactly(user_key("alice", "convs"))),
     "event0": writes(any_conv_key("events")),
-    "commit": script(store.COMMIT_LUA),
+    "commit": script(lua.COMMIT_LUA),
 }
 
 # A delete (today: EVALSHA of DELETE_LUA on meta + events, then ZREM from the owner's index).

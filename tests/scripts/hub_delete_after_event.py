@@ -11,7 +11,7 @@ import redis  # noqa: E402
 
 from app import stream  # noqa: E402
 from app.hub import Hub  # noqa: E402
-from app.store import Store, conv_channel, conversation_keys  # noqa: E402
+from app.store import DELETED_NOTICE, Store, conv_channel, conversation_keys  # noqa: E402
 from app.subscriber import Subscriber  # noqa: E402
 
 url = sys.argv[1]
@@ -29,7 +29,7 @@ pipe = r.pipeline(transaction=True)  # both in one MULTI: both announcements arr
 body = store._event_json({"type": "x", "n": 1}, "agent")
 keys = [*conversation_keys(cid), conv_channel(cid)]
 store._append(keys=keys, args=["u1", body[1:], 0, "", 86400, "", "PUBLISH"], client=pipe)
-store._delete(keys=keys, args=["u1", "PUBLISH"], client=pipe)
+store._delete(keys=keys, args=["u1", "PUBLISH", DELETED_NOTICE], client=pipe)
 answers = pipe.execute()
 done.join(timeout=5)
 print(json.dumps({"answers": [str(a) for a in answers], "end_reason": sub.end_reason,

@@ -1,0 +1,118 @@
+"""The Lua scripts of store.py: each one round trip, each touching one Cluster slot (KEYS by position)."""
+
+# One round trip per append: ownership, idempotency, id, event, retention and the answer record.
+# KEYS: meta, events, idempotency answers, their expiry, the conversation's channel. ARGV: owner
+# ('' skips the check), event JSON without its opening '{' and without "id", retention (0: keep
+# all), hashed Idempotency-Key ('' for none), its TTL, body digest, the publish command (PUBLISH,
+# or SPUBLISH on a Redis 7 Cluster). The event is announced in the same step as it is stored, so
+# every hub following the conversation hears of it; a hub that missed it reads the stream. A
+# retry of the same call after a lost reply is answered from the record, so only an append made
+# without a key can be stored twice, and only when its caller re-sends it (the pool never does).
+APPEND_LUA = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {-1} end
+if redis.call('HEXISTS', KEYS[1], 'pending') == 1 then return {-1} end
+local now = tonumber(redis.call('TIME')[1])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 16)
+if #expired > 0 then
+  redis.call('HDEL', KEYS[3], unpack(expired))
+  redis.call('ZREM', KEYS[4], unpack(expired))
+end
+local field = ARGV[4]
+if field ~= '' then
+  local prev = redis.call('HGET', KEYS[3], field)
+  local until_ = redis.call('ZSCORE', KEYS[4], field)
+  if prev and until_ and tonumber(until_) > now then return {-2, prev} end
+end
+local n = redis.call('HINCRBY', KEYS[1], 'last_event_id', 1)
+local id = string.format('%d', n)
+local data = '{"id":' .. id .. ',' .. ARGV[2]
+local entry = string.format('%d', n + 1) .. '-0'
+local retention = tonumber(ARGV[3])
+if retention > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', retention, entry, 'e', data)
+else
+  redis.call('XADD', KEYS[2], entry, 'e', data)
+end
+if field ~= '' then
+  local expiry = now + tonumber(ARGV[5])
+  redis.call('HSET', KEYS[3], field, id .. ':' .. ARGV[6])
+  redis.call('ZADD', KEYS[4], expiry, field)
+  -- Both go by themselves with the newest record, so an idle conversation keeps none for long.
+  redis.call('EXPIREAT', KEYS[3], expiry)
+  redis.call('EXPIREAT', KEYS[4], expiry)
+end
+redis.call(ARGV[7], KEYS[5], data)
+return {n}
+"""
+
+# Step 1 of a create. KEYS: meta, events. ARGV: pending TTL, event 0 JSON tail ('' for none), then
+# the metadata as field, value pairs. Re-run after a lost reply, it finds its own work and stops
+# (ids are 192 random bits: no one else makes this conversation).
+CREATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'pending', '1', unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'last_event_id', 0)
+  redis.call('XADD', KEYS[2], '1-0', 'e', '{"id":0,' .. ARGV[2])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+end
+return 1
+"""
+
+# Step 2: the owner's index. KEYS: user sequence, user conversations. ARGV: conversation id.
+# Idempotent: a conversation already indexed keeps its place.
+INDEX_LUA = """
+local seq = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if seq then return tonumber(seq) end
+seq = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], seq, ARGV[1])
+return seq
+"""
+
+# Step 3: the conversation becomes visible and permanent. KEYS: meta, events. ARGV: owner.
+# 0 if it expired meanwhile (the create took longer than its pending TTL). Idempotent.
+COMMIT_LUA = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HDEL', KEYS[1], 'pending')
+redis.call('PERSIST', KEYS[1])
+redis.call('PERSIST', KEYS[2])
+return 1
+"""
+
+# KEYS: every key of the conversation, meta first, then its channel. ARGV: owner, publish command, the notice.
+# Deletes it if it is the owner's, and says so on the channel (its open streams end at once).
+DELETE_LUA = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner or owner ~= ARGV[1] then return 0 end
+local channel = table.remove(KEYS)
+redis.call('UNLINK', unpack(KEYS))  -- a long stream is freed in the background
+redis.call(ARGV[2], channel, ARGV[3])
+return 1
+"""
+
+# KEYS: user streams. ARGV: lease TTL, cap, connection id. 1 if the stream may open. Times are
+# Redis' own (TIME), so hosts whose clocks disagree still count each other's leases right.
+ACQUIRE_STREAM_LUA = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1e6
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+local expiry = now + tonumber(ARGV[1])
+redis.call('ZADD', KEYS[1], expiry, ARGV[3])
+redis.call('EXPIREAT', KEYS[1], math.ceil(expiry) + 1)
+return 1
+"""
+
+# KEYS: user streams. ARGV: lease TTL, then the connection ids whose leases the caller renews.
+# XX: a lease released or expired meanwhile is not brought back.
+RENEW_STREAMS_LUA = """
+local now = redis.call('TIME')
+local expiry = tonumber(now[1]) + tonumber(now[2]) / 1e6 + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIREAT', KEYS[1], math.ceil(expiry) + 1) end
+return 1
+"""
