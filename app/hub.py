@@ -204,6 +204,9 @@ class Hub:
             event_id = event_id_in(data)
             if event_id is not None:
                 grouped.setdefault(conv, []).append((event_id, sse.event_frame(event_id, data)))
+            elif data[:1] == b"#" and data[1:].isdigit():
+                # A doorbell: event N is stored (announced again after a retry); read what is new.
+                grouped.setdefault(conv, []).extend(self._up_to(conv, int(data[1:])))
             elif data == DELETED_NOTICE:
                 deleted.append(conv)
             else:
@@ -245,6 +248,19 @@ class Hub:
                                            max=entry_id(before - 1), count=min(before - conv.position, RESYNC_PAGE))
         except redis.RedisError:
             return []  # the subscribers close the gap from Redis themselves
+        return self._frames(entries)
+
+    def _up_to(self, conv: Conversation, last: int) -> list[tuple[int, bytes]]:
+        """The stored events up to `last` that the conversation's subscribers may lack."""
+        if conv.position is not None and last <= conv.position:
+            return []
+        after = conv.position if conv.position is not None else min((s.last_sent for s in conv.subscribers),
+                                                                      default=last - 1)
+        try:
+            entries = self._control.xrange(conv_events_key(conv.cid), min=entry_id(after + 1), max=entry_id(last),
+                                           count=min(last - after, RESYNC_PAGE))
+        except redis.RedisError:
+            return []  # the next announcement, or the subscribers themselves, close the gap
         return self._frames(entries)
 
     @staticmethod

@@ -4,10 +4,11 @@
 # KEYS: meta, events, idempotency answers, their expiry, the conversation's channel. ARGV: owner
 # ('' skips the check), event JSON without its opening '{' and without "id", retention (0: keep
 # all), hashed Idempotency-Key ('' for none), its TTL, body digest, the publish command (PUBLISH,
-# or SPUBLISH on a Redis 7 Cluster). The event is announced in the same step as it is stored, so
-# every hub following the conversation hears of it; a hub that missed it reads the stream. A
-# retry of the same call after a lost reply is answered from the record, so only an append made
-# without a key can be stored twice, and only when its caller re-sends it (the pool never does).
+# or SPUBLISH on a Redis 7 Cluster; '' when the caller announces it itself, once replicated). The
+# event is announced in the same step as it is stored, so every hub following the conversation
+# hears of it; a hub that missed it reads the stream. A retry of the same call after a lost
+# reply is answered from the record, so only an append made without a key can be stored twice,
+# and only when its caller re-sends it (the pool never does).
 APPEND_LUA = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then return {-1} end
@@ -42,7 +43,7 @@ if field ~= '' then
   redis.call('EXPIREAT', KEYS[3], expiry)
   redis.call('EXPIREAT', KEYS[4], expiry)
 end
-redis.call(ARGV[7], KEYS[5], data)
+if ARGV[7] ~= '' then redis.call(ARGV[7], KEYS[5], data) end
 return {n}
 """
 

@@ -325,7 +325,10 @@ class Store:
         keys = [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid), idempotency_expiry_key(cid),
                 conv_channel(cid)]
         body = self._event_json(fields, source)
-        args = [owner or "", body[1:], self.retention, idem_key, self.idempotency_ttl, digest, self.publish]
+        # With REDIS_MIN_REPLICAS_ACK the event is announced only once replicated (below): a stream
+        # must never show an event that a failover then loses, whose id a later event would reuse.
+        announce_here = "" if self.min_replicas else self.publish
+        args = [owner or "", body[1:], self.retention, idem_key, self.idempotency_ttl, digest, announce_here]
         # With an Idempotency-Key the append is answered from its record when it ran already, so a
         # lost reply is resent; without one it may run twice: the caller gets its 503 instead.
         append = lambda: self._acked(self._append, keys, args)  # noqa: E731
@@ -336,7 +339,12 @@ class Store:
             prev_id, _, prev_digest = result[1].decode().partition(":")
             if idempotency and prev_digest != idempotency[1]:
                 raise Conflict("this Idempotency-Key was already used for another request body")
+            if self.min_replicas:  # its first answer may have been a 503 that announced nothing
+                self.redis.execute_command(self.publish, conv_channel(cid), b"#%d" % int(prev_id))
             return int(prev_id), True
+        if self.min_replicas:
+            event_id = int(result[0])
+            self.redis.execute_command(self.publish, conv_channel(cid), b'{"id":%d,%s' % (event_id, body[1:]))
         return int(result[0]), False
 
     def list_events(self, owner: str, cid: str, start_id: int, limit: int) -> tuple[list[bytes], bool]:

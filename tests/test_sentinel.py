@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from app import create_app
 
 from .conftest import Api, bearer
-from .servers import ROOT, VENV_BIN
+from .servers import ROOT, VENV_BIN, wait_until
 from .sse_client import open_stream
 from .topologies import Sentinel3, sentinel  # noqa: F401
 
@@ -74,3 +76,98 @@ def test_the_cli_creates_keys_through_the_sentinels(sentinel: Sentinel3, sentine
     key = out.stdout.strip().splitlines()[-1]
     client = sentinel_app.test_client()
     assert client.get("/api/conversations", headers=bearer(key)).status_code == 200
+
+
+def test_a_failover_loses_no_acknowledged_event_and_streams_resume_by_themselves(tmp_path, start_server):
+    topology = Sentinel3(tmp_path / "sentinel").start()
+    app = create_app({"REDIS_URL": topology.url, "TESTING": True})
+    readers: list[Follower] = []
+    try:
+        store = app.extensions["store"]
+        key = store.create_api_key("sam")[1]
+        cid = store.new_conversation_id()
+        store.create_conversation("sam", cid, repository=None, branch=None, title="t", initial_user_msg=None)
+        server = start_server(redis_url=topology.url, REDIS_MIN_REPLICAS_ACK="1", REDIS_REPLICAS_ACK_TIMEOUT_MS="500",
+                              REDIS_TIMEOUT_SECONDS="1", SSE_MAX_STREAMS_PER_USER="0")
+        total, before_kill = 40, 15
+        readers.extend(Follower(server.port, cid, key) for _ in range(10))
+        acked: dict[int, int] = {}
+        poster = threading.Thread(target=post_with_retries, args=(Api(server.base, key), cid, total, acked))
+        poster.start()
+        wait_until(lambda: len(acked) >= before_kill, 30, what="posts before the failover")
+        old = topology.kill_master()
+        topology.wait_failover(old)
+        topology.restart(old)  # back as a replica, so that WAIT 1 can be met again
+        topology.wait_replicas(1)
+        poster.join(90)
+        assert not poster.is_alive() and len(acked) == total, acked
+        assert sorted(acked.values()) == list(range(total))  # every post stored once, none lost
+        for reader in readers:
+            wait_until(lambda r=reader: len(r.ids) >= total or r.error, 30, what="every event on every stream")
+        for reader in readers:
+            reader.stop()
+            assert reader.error is None and reader.ids == list(range(total)), (reader.ids, reader.error)
+        listed = Api(server.base, key).call("GET", f"/api/conversations/{cid}/events?limit=1000")[1]["events"]
+        assert sorted(e["content"] for e in listed) == sorted(f"m{i}" for i in range(total))
+        assert all(e["content"] == f"m{i}" for i, n in acked.items() for e in listed if e["id"] == n)
+    finally:
+        for reader in readers:
+            reader.stop()
+        app.extensions["redis"].connection_pool.disconnect()
+        topology.stop()
+
+
+def post_with_retries(api: Api, cid: str, total: int, acked: dict[int, int]) -> None:
+    """Post `total` actions in order, each retried with its Idempotency-Key until it is answered 200."""
+    deadline = time.monotonic() + 60
+    for i in range(total):
+        while time.monotonic() < deadline:
+            try:
+                status, body, _ = api.call("POST", f"/api/conversations/{cid}/events",
+                                           {"type": "user_message", "content": f"m{i}"}, {"Idempotency-Key": f"e{i}"})
+            except OSError:
+                status = 0
+            if status == 200:
+                acked[i] = body["event_id"]
+                break
+            time.sleep(0.1)
+        time.sleep(0.02)
+
+
+class Follower:
+    """A stream read in a thread; it resumes with Last-Event-ID if the stream ends."""
+
+    def __init__(self, port: int, cid: str, key: str):
+        self.port, self.cid, self.key = port, cid, key
+        self.ids: list[int] = []
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            headers = bearer(self.key)
+            if self.ids:
+                headers["Last-Event-ID"] = str(self.ids[-1])
+            try:
+                stream = open_stream(self.port, SSE.format(self.cid), headers)
+            except OSError:
+                time.sleep(0.2)
+                continue
+            if stream.status != 200:
+                stream.close()
+                time.sleep(0.2)
+                continue
+            for ev in stream.events(timeout=1.0):
+                if ev.id is not None:
+                    self.ids.append(int(ev.id))
+                if self._stop.is_set():
+                    break
+            stream.close()
+
+    def stop(self) -> None:
+        """Stop reading."""
+        self._stop.set()
+        self._thread.join(10)

@@ -441,6 +441,25 @@ class Sentinel3:
         proc.wait(5)
         return address
 
+    def restart(self, address: tuple[str, int]) -> None:
+        """Start a killed server again on its port (empty: no persistence); the sentinels make it a replica."""
+        port = address[1]
+        node_dir = self.workdir / f"redis-{port}"
+        self._spawn(port, ["--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+                           "--dir", str(node_dir), "--logfile", str(node_dir / "redis.log"), "--daemonize", "no",
+                           *REPLICATION_OPTS], node_dir / "redis.log", "redis")
+
+    def wait_replicas(self, count: int, timeout: float = 30) -> None:
+        """Wait until the current master has `count` replicas whose link is up."""
+        def ready() -> bool:
+            try:
+                host, port = self.master_address()
+                with redis.Redis(host=host, port=port, socket_timeout=1) as client:
+                    return int(_info_field(client, "INFO replication", "connected_slaves") or 0) >= count
+            except redis.RedisError:
+                return False
+        wait_until(ready, timeout, interval=0.2, what=f"{count} replica(s) of the master")
+
     def wait_failover(self, old: tuple[str, int], timeout: float = 20) -> tuple[str, int]:
         """Wait until all three sentinels name the same new master and it answers ROLE as master; return it."""
         def done() -> tuple[str, int] | None:
