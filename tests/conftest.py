@@ -118,6 +118,18 @@ def start_server(redis_server: RedisServer, redis_client: redis.Redis, tmp_path:
         server.stop()
 
 
+@pytest.fixture()
+def server(start_server):
+    """One gevent worker, heartbeat 1 s (a test module may define its own)."""
+    return start_server()
+
+
+@pytest.fixture()
+def api(server, make_key) -> Api:
+    """A JSON client for alice on `server`."""
+    return Api(server.base, make_key("alice"))
+
+
 class Api:
     """A tiny JSON client for a running server (urllib: real sockets, no test client)."""
 

@@ -8,8 +8,6 @@ import time
 import urllib.error
 import urllib.request
 
-import pytest
-
 from app import create_app
 
 from .conftest import Api, bearer
@@ -31,18 +29,6 @@ def health(server) -> tuple[int, dict]:
 def ids_of(events) -> list[int]:
     """The ids of conversation events (named events left out)."""
     return [int(ev.id) for ev in events if ev.id is not None]
-
-
-@pytest.fixture()
-def server(start_server):
-    """One gevent worker, heartbeat 1 s."""
-    return start_server()
-
-
-@pytest.fixture()
-def api(server, make_key) -> Api:
-    """Alice on that server."""
-    return Api(server.base, make_key("alice"))
 
 
 def kill_pubsub(redis_client) -> int:

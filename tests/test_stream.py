@@ -16,18 +16,6 @@ from .sse_client import SSEStream, open_stream
 SSE = "/api/sse/conversations/{}/events"
 
 
-@pytest.fixture()
-def server(start_server):
-    """One gevent worker, heartbeat 1 s."""
-    return start_server()
-
-
-@pytest.fixture()
-def api(server, make_key) -> Api:
-    """A JSON client for alice."""
-    return Api(server.base, make_key("alice"))
-
-
 def stream_count(server) -> int:
     """Open streams in the (single) worker, from /healthz."""
     with urllib.request.urlopen(server.base + "/healthz", timeout=5) as resp:

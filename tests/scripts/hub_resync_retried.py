@@ -9,22 +9,11 @@ import sys  # noqa: E402
 import gevent  # noqa: E402
 import redis  # noqa: E402
 
-from app import stream  # noqa: E402
-from app.hub import Hub  # noqa: E402
-from app.store import Store  # noqa: E402
-from app.subscriber import Subscriber  # noqa: E402
+from tests.scripts.hub_kit import follow_one  # noqa: E402
 
 url = sys.argv[1]
-r = redis.Redis.from_url(url)
-store = Store(r)
-hub = Hub(url, store, queue_max=2000, stream_cap=0)
-cid = store.new_conversation_id()
-store.create_conversation("u1", cid, repository=None, branch=None, title="t", initial_user_msg="hello")
-sub = Subscriber(cid, "u1", "k1", "", -1, None)  # no socket: the path through the stream's greenlet
-hub.subscribe(sub)
-out: list[bytes] = []
-gevent.spawn(lambda: out.extend(stream.stream(hub, store, sub, b"", 15.0)))
-gevent.sleep(0.3)
+kit = follow_one(url)
+r, store, hub, cid, sub = kit.redis, kit.store, kit.hub, kit.cid, kit.sub
 real, failures = hub._control.pipeline, []
 
 
@@ -51,5 +40,4 @@ for _ in range(100):
     if sub.last_sent == 1:
         break
     gevent.sleep(0.05)
-print(json.dumps({"failures": len(failures), "last_sent": sub.last_sent,
-                  "ids": [line for line in b"".join(out).decode().splitlines() if line.startswith("id:")]}))
+print(json.dumps({"failures": len(failures), "last_sent": sub.last_sent, "ids": kit.ids()}))
