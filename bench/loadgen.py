@@ -174,11 +174,16 @@ class Stream(asyncio.Protocol):
                 return
         sse = self.sse + data if self.sse else data
         k = sse.rfind(b"\n\n")
-        if k < 0:
-            self.sse = sse
-            return
-        block = sse[:k + 2]
-        self.sse = sse[k + 2:]
+        if k >= 0:
+            end = k + 2
+        else:  # a server that ends lines with \r\n (sse-starlette): blocks end "\r\n\r\n"
+            k = sse.rfind(b"\n\r\n")
+            if k < 0:
+                self.sse = sse
+                return
+            end = k + 3
+        block = sse[:end]
+        self.sse = sse[end:]
         if not self.connected:
             if b"event: connection" in block or b"event:connection" in block:
                 self.connected = True
@@ -351,6 +356,10 @@ class Worker:
             tasks.append(asyncio.ensure_future(self.connect(s, sem)))
         if tasks:
             await asyncio.gather(*tasks)
+        try:
+            self.pipe.send({"status": self.status()})  # at once: it ends the opening CPU window
+        except OSError:
+            pass
 
     def status(self) -> dict:
         return {"connected": self.connected, "failed": self.failed, "open": self.open,
@@ -650,17 +659,29 @@ async def amain(a) -> dict:
     t_start = time.time()
     hard_end = t_start + a.max_seconds
 
-    # --- conversations
-    http = Http(host, port, a.key)
-    convs = []
+    # --- conversations (over a few keep-alive connections when there are many)
+    convs: list[str] = []
     t0 = time.time()
-    for _ in range(a.conversations):
-        st, body = await http.request("POST", "/api/conversations", b"{}")
-        m = CONV_ID_RX.search(body)
-        if st != 200 or not m:
-            raise SystemExit(f"create conversation failed: HTTP {st} {body[:200]!r}")
-        convs.append(m.group(1).decode())
-    http.close()
+    c_cpu0 = meter.cpu([])
+    todo = {"n": a.conversations}
+
+    async def creator():
+        http = Http(host, port, a.key)
+        try:
+            while todo["n"] > 0:
+                todo["n"] -= 1
+                st, body = await http.request("POST", "/api/conversations", b"{}")
+                m = CONV_ID_RX.search(body)
+                if st != 200 or not m:
+                    raise SystemExit(f"create conversation failed: HTTP {st} {body[:200]!r}")
+                convs.append(m.group(1).decode())
+        finally:
+            http.close()
+
+    await asyncio.gather(*(creator() for _ in range(min(8, max(1, a.conversations // 50)))))
+    c_cpu1 = meter.cpu([])
+    res["create"] = {"conversations": len(convs), "seconds": round(time.time() - t0, 2),
+                     "cpu_s": {k: round(c_cpu1[k] - c_cpu0[k], 3) for k in ("server", "redis")}}
     log(f"created {len(convs)} conversations in {time.time() - t0:.1f}s")
     await asyncio.sleep(0.3)
     rss0 = meter.rss()
@@ -717,6 +738,7 @@ async def amain(a) -> dict:
         c = idx % len(convs)
         conv_of_stream.append(c)
         assign[idx % nproc].append((idx, convs[c], c))
+    o_cpu0 = meter.cpu(wpids)
     t_open = time.time()
     for i, pp in enumerate(pipes):
         pp.send({"cmd": "open", "streams": assign[i], "rate": a.connect_rate / nproc})
@@ -732,13 +754,23 @@ async def amain(a) -> dict:
             log("open timeout")
             break
         await asyncio.sleep(0.1)
+    o_cpu1 = meter.cpu(wpids)
     t_opened = time.time() - t_open
     log(f"streams: {agg('connected')} connected, {agg('failed')} failed in {t_opened:.1f}s")
     await asyncio.sleep(a.settle)
+    s_cpu = meter.cpu(wpids)  # streams held, nothing posted: the server's idle CPU with N open
+    s_win = s_cpu["t"] - o_cpu1["t"]
     rssN = meter.rss()
     redisN = redis_clients(a.redis_port)
+    # CPU seconds spent while the streams were being opened (from the first connect to the
+    # status report that counted the last one open or failed: <= 0.5 s after it)
+    o_cpu = {k: round(o_cpu1[k] - o_cpu0[k], 3) for k in ("server", "redis", "loadgen", "machine")}
     res["open"] = {"seconds": round(t_opened, 2), "connected": agg("connected"),
-                   "failed": agg("failed")}
+                   "failed": agg("failed"), "cpu_s": o_cpu,
+                   "server_cpu_ms_per_stream": round(1000 * o_cpu["server"] / agg("connected"), 4)
+                   if agg("connected") else None}
+    res["settle_cpu_pct"] = {k: round(100 * (s_cpu[k] - o_cpu1[k]) / s_win, 1)
+                             for k in ("server", "redis")} if s_win > 0 else {}
     res["rss"] = {"at_0": rss0, "at_n": rssN}
     if a.clients:
         res["rss"]["per_stream_kb"] = round((rssN - rss0) / a.clients / 1024, 2)
@@ -829,6 +861,10 @@ async def amain(a) -> dict:
         c = res["cpu_pct"]
         c["other"] = round(max(0.0, c["machine"] - c["server"] - c["redis"] - c["loadgen"]), 1)
     res["cpu_window_s"] = round(win, 2)
+    res["cpu_s"] = {k: round(cpu1[k] - cpu0[k], 3) for k in ("server", "redis", "loadgen", "machine")}
+    ok_posts = res["post"]["ok"]
+    res["redis_cpu_us_per_event"] = (round(1e6 * res["cpu_s"]["redis"] / ok_posts, 1)
+                                     if ok_posts and a.redis_pid else None)
     res["loadgen_procs"] = nproc + 1
     res["wall_s"] = round(time.time() - t_start, 1)
     return res

