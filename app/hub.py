@@ -38,7 +38,11 @@ from .subscriber import Batch, Subscriber
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 1.0
-CONVERSATION_CHECK_EVERY = 5  # checks; a deletion is announced at once, this is the safety net
+# Checks (seconds) between looks at whether followed conversations still exist: a deletion is
+# announced at once, and looked for after every pub/sub reconnect; this is the last safety net
+# (keys removed by hand), done in pipelines of CHECK_PIPELINE that yield between them.
+CONVERSATION_CHECK_EVERY = 30
+CHECK_PIPELINE = 1000
 COALESCE_MIN_WRITES = 200  # a dispatch this large makes the next one wait to gather more
 UNSTARTED_GRACE = 10.0  # a stream registered but not yet iterated this long never will be
 FOLLOW_TIMEOUT = 10.0
@@ -337,25 +341,27 @@ class Hub:
                 self.unsubscribe(sub)
 
     def _check_once(self, conversations: bool) -> None:
-        cids = list(self.conversations) if conversations else []
         key_ids = list(self.by_key)
-        if not cids and not key_ids:
-            return
-        pipe = self._control.pipeline(transaction=False)
-        for cid in cids:
-            pipe.exists(conv_meta_key(cid))
-        for key_id in key_ids:
-            pipe.hmget(api_key_key(key_id), "user_id", "revoked_at")
-        answers = pipe.execute()
-        for cid, exists in zip(cids, answers):
-            conv = self.conversations.get(cid)
-            if not exists and conv is not None:
-                for sub in list(conv.subscribers):
-                    sub.end("deleted")
-        for key_id, (user_id, revoked_at) in zip(key_ids, answers[len(cids):]):
-            if user_id is None or revoked_at is not None:
-                for sub in list(self.by_key.get(key_id, ())):
-                    sub.end("revoked")
+        if key_ids:
+            pipe = self._control.pipeline(transaction=False)
+            for key_id in key_ids:
+                pipe.hmget(api_key_key(key_id), "user_id", "revoked_at")
+            for key_id, (user_id, revoked_at) in zip(key_ids, pipe.execute()):
+                if user_id is None or revoked_at is not None:
+                    for sub in list(self.by_key.get(key_id, ())):
+                        sub.end("revoked")
+        cids = list(self.conversations) if conversations else []
+        for start in range(0, len(cids), CHECK_PIPELINE):
+            chunk = cids[start:start + CHECK_PIPELINE]
+            pipe = self._control.pipeline(transaction=False)
+            for cid in chunk:
+                pipe.exists(conv_meta_key(cid))
+            for cid, exists in zip(chunk, pipe.execute()):
+                conv = self.conversations.get(cid)
+                if not exists and conv is not None:
+                    for sub in list(conv.subscribers):
+                        sub.end("deleted")
+            gevent.sleep(0)  # thousands of conversations: let the announcements through meanwhile
 
     def _refresh_leases(self) -> None:
         leases = {user_id: [sub.connection_id for sub in subs if sub.connection_id]
