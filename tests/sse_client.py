@@ -8,6 +8,20 @@ import time
 from dataclasses import dataclass, field
 
 
+def recv_before(sock: socket.socket, deadline: float) -> bytes | None:
+    """One recv, waiting until `deadline` at most: its bytes, b"" at EOF (or a reset), None if none came in time."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return None
+    sock.settimeout(remaining)
+    try:
+        return sock.recv(65536)
+    except TimeoutError:
+        return None
+    except OSError:
+        return b""
+
+
 @dataclass
 class SSEEvent:
     """One dispatched event (or a comment, with `comment` set); `retry` if its block carried one."""
@@ -52,16 +66,9 @@ class SSEStream:
             pass
 
     def _recv(self, deadline: float) -> bool:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        data = recv_before(self.sock, deadline)
+        if data is None:
             return False
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            return False
-        except OSError:
-            data = b""
         if not data:
             self._eof = True
             return False

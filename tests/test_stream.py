@@ -11,7 +11,7 @@ import pytest
 
 from .conftest import Api, bearer
 from .servers import wait_until
-from .sse_client import SSEStream, open_stream
+from .sse_client import SSEStream, open_stream, recv_before
 
 SSE = "/api/sse/conversations/{}/events"
 
@@ -289,16 +289,9 @@ class RawReader:
 
     def _read(self, deadline: float) -> bool:
         """One read, until `deadline` at most; False if none came (deadline passed, or EOF)."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or self.eof:
+        data = None if self.eof else recv_before(self.sock, deadline)
+        if data is None:
             return False
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            return False
-        except OSError:
-            data = b""
         self.eof = not data
         self.raw += data
         return bool(data)
