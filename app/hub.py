@@ -96,7 +96,6 @@ class Hub:
         self.by_user: dict[str, set[Subscriber]] = {}
         self.closing = False
         self.pid = os.getpid()
-        self.events_dispatched = 0
         self._control = make_dedicated_client(redis_url, "hub-control", 5.0)
         self._resync = gevent.event.Event()
         self.listener = Listener(redis_url, on_messages=self._on_messages, on_subscribed=self._on_subscribed,
@@ -235,7 +234,6 @@ class Hub:
         if not items or self.conversations.get(conv.cid) is not conv:
             return 0
         conv.position = items[-1][0]
-        self.events_dispatched += len(items)
         batch = Batch(items)
         for sub in list(conv.subscribers):
             if sub.direct and not sub.busy and batch.first_id == sub.last_sent + 1:

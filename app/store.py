@@ -369,11 +369,6 @@ class Store:
         # An entry not written by us (no event field) is skipped: one bad entry must not stall a stream.
         return [(event_id_of(eid), fields[b"e"]) for eid, fields in entries if b"e" in fields]
 
-    def tip(self, cid: str) -> int:
-        """Id of the newest stored event of a conversation, -1 when it has none."""
-        last = self.redis.xrevrange(conv_events_key(cid), count=1)
-        return event_id_of(last[0][0]) if last else -1
-
     # API keys -----------------------------------------------------------------------------
 
     def create_api_key(self, user_id: str) -> tuple[str, str]:
