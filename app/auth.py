@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from flask import Flask, Response, current_app, g, request
 from itsdangerous import BadSignature, TimestampSigner
 
 from .config import secret_from_file
 from .errors import Unauthorized
-from .store import KEY_PREFIX, hash_secret
+from .store import KEY_PREFIX, api_key_key, hash_secret
 
 COOKIE_NAME = "oh_session"
 KEY_ID_LEN = 16
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -44,35 +47,67 @@ def _signer() -> TimestampSigner:
     return current_app.extensions["session_signer"]
 
 
-def _active_key(key_id: str) -> dict[str, str] | None:
-    record = current_app.extensions["store"].get_api_key(key_id)
-    if not record or record.get("revoked_at"):
+@dataclass(frozen=True)
+class Presented:
+    """The credentials a request presents, before the key behind them is looked up."""
+
+    key_id: str
+    via: str  # "bearer" or "cookie"
+    key: str  # the Bearer key itself (its hash is compared), "" for a cookie
+
+
+def presented() -> Presented | None:
+    """The key id a request's Bearer key or else session cookie names; None when neither names one (a 401)."""
+    header = request.headers.get("Authorization")
+    if header is not None:  # a Bearer key, when sent, is the only credential looked at
+        scheme, _, key = header.partition(" ")
+        key = key.strip()
+        key_id = split_key(key) if scheme.lower() == "bearer" else None
+        return Presented(key_id, "bearer", key) if key_id else None
+    cookie = request.cookies.get(COOKIE_NAME)
+    if not cookie:
         return None
-    return record
+    try:
+        key_id = _signer().unsign(cookie, max_age=current_app.config["SESSION_MAX_AGE_SECONDS"]).decode()
+    except BadSignature:
+        return None
+    return Presented(key_id, "cookie", "") if key_id else None
+
+
+def verify(creds: Presented | None, record: dict[str, str] | None) -> Caller:
+    """The caller these credentials prove, given the record of their key; 401 otherwise."""
+    if creds is None or not record or record.get("revoked_at"):
+        raise Unauthorized("missing or invalid credentials")
+    # Compared in constant time even though the record was found by the key id.
+    if creds.via == "bearer" and not hmac.compare_digest(record["hash"], hash_secret(creds.key)):
+        raise Unauthorized("missing or invalid credentials")
+    return Caller(record["user_id"], creds.key_id, creds.via)
 
 
 def authenticate() -> Caller:
     """The caller of this request, from a Bearer key or else the session cookie; 401 otherwise."""
-    header = request.headers.get("Authorization")
-    if header is not None:
-        scheme, _, key = header.partition(" ")
-        key = key.strip()
-        key_id = split_key(key) if scheme.lower() == "bearer" else None
-        record = _active_key(key_id) if key_id else None
-        # Compared in constant time even though the record was found by the key id.
-        if record is None or not hmac.compare_digest(record["hash"], hash_secret(key)):
-            raise Unauthorized("missing or invalid credentials")
-        return Caller(record["user_id"], key_id, "bearer")
-    cookie = request.cookies.get(COOKIE_NAME)
-    if cookie:
-        try:
-            key_id = _signer().unsign(cookie, max_age=current_app.config["SESSION_MAX_AGE_SECONDS"]).decode()
-        except BadSignature:
-            key_id = None
-        record = _active_key(key_id) if key_id else None
-        if record is not None:
-            return Caller(record["user_id"], key_id, "cookie")
-    raise Unauthorized("missing or invalid credentials")
+    creds = presented()
+    record = current_app.extensions["store"].get_api_key(creds.key_id) if creds else None
+    return verify(creds, record)
+
+
+def authenticate_with(reads: Callable[[Any], None]) -> tuple[Caller, list[Any]]:
+    """The caller (as `current_caller`), and the replies to the reads `reads` queues on a pipeline.
+
+    The key's record and those reads go to Redis in one round trip (a stream's open reads its
+    conversation's owner so, one round trip instead of two). Bad credentials are a 401
+    before anything is read, as with `authenticate`; the reads' replies are for the caller to
+    check only once it is known.
+    """
+    creds = presented()
+    if creds is None:
+        raise Unauthorized("missing or invalid credentials")
+    pipe = current_app.extensions["store"].redis.pipeline(transaction=False)
+    pipe.hgetall(api_key_key(creds.key_id))
+    reads(pipe)
+    raw, *replies = pipe.execute()
+    g.caller = verify(creds, {k.decode(): v.decode() for k, v in raw.items()})
+    return g.caller, replies
 
 
 def current_caller() -> Caller:
@@ -81,6 +116,12 @@ def current_caller() -> Caller:
     if caller is None:
         caller = g.caller = authenticate()
     return caller
+
+
+def self_authenticating(view: F) -> F:
+    """Mark a view that authenticates its caller itself (with `authenticate_with`), not before it runs."""
+    view.self_authenticating = True  # type: ignore[attr-defined]
+    return view
 
 
 def init_app(app: Flask) -> None:
@@ -92,7 +133,8 @@ def init_app(app: Flask) -> None:
 
     @app.before_request
     def _require_caller() -> None:
-        if request.path.startswith("/api/") and request.endpoint is not None:
+        if request.path.startswith("/api/") and request.endpoint is not None \
+                and not getattr(app.view_functions.get(request.endpoint), "self_authenticating", False):
             current_caller()
 
     @app.after_request

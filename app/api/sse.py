@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import os
 import secrets
+from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
 from .. import sse, stream, validation
-from ..auth import current_caller
-from ..errors import NotFound, ServiceUnavailable, TooManyRequests
+from ..auth import authenticate_with, current_caller, self_authenticating
+from ..errors import BadRequest, NotFound, ServiceUnavailable, TooManyRequests
 from ..hub import Hub, HubUnavailable, gevent_ready
-from ..store import Store
+from ..store import CONVERSATION_ID, Store, conv_meta_key
 from ..subscriber import Subscriber
 from . import get_store
 
@@ -65,15 +66,33 @@ def _chunked_plain_http(environ: dict, sock: object) -> bool:
     )
 
 
+def _owner(reply: list[bytes | None]) -> str | None:
+    """The owner in the reply to the read of a conversation's owner (as Store.conversation_owner), None if none."""
+    owner, pending = reply
+    return owner.decode() if owner is not None and pending is None else None
+
+
 @bp.get("/conversations/<cid>/events")
+@self_authenticating
 def stream_events(cid: str) -> Response:
     """Every event after the client's last one, then each new one as it is written."""
-    caller = current_caller()
     config = current_app.config
-    latest = validation.resume_point(request.headers.get("Last-Event-ID"), request.args.get("latest_event_id"))
-    providers = validation.providers_set(request.args.get("providers_set"), config["PROVIDERS"])
+    try:
+        latest = validation.resume_point(request.headers.get("Last-Event-ID"), request.args.get("latest_event_id"))
+        providers = validation.providers_set(request.args.get("providers_set"), config["PROVIDERS"])
+    except BadRequest:
+        current_caller()  # a 401 comes before a 400, as on every route
+        raise
     store = get_store()
-    if store.conversation_owner(cid) != caller.user_id:
+    known = CONVERSATION_ID.fullmatch(cid) is not None  # another id never reaches Redis (a `}` breaks the hash tag)
+
+    def reads(pipe: Any) -> None:
+        if known:
+            pipe.hmget(conv_meta_key(cid), "owner", "pending")
+
+    # The key's record and the conversation's owner in one round trip, checked in that order.
+    caller, replies = authenticate_with(reads)
+    if (_owner(replies[0]) if known else None) != caller.user_id:
         raise NotFound("no such conversation")
     if request.method == "HEAD":  # the headers a GET would get, and no stream behind them
         return Response(headers=STREAM_HEADERS)
