@@ -43,11 +43,17 @@ class Listener:
         on_subscribed: Callable[[bytes], None],
         on_reconnected: Callable[[], None],
         sharded: bool = False,
+        address: tuple[str, int] | None = None,
+        on_moved: Callable[[], None] | None = None,
     ):
         self.url = redis_url
+        self.address = address  # the node, on a Cluster
         self.on_messages = on_messages
         self.on_subscribed = on_subscribed
         self.on_reconnected = on_reconnected
+        # A channel Redis will not serve here (a Cluster slot that moved): the caller re-routes it.
+        self.on_moved = on_moved or (lambda: None)
+        self.sharded = sharded
         self.commands = (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
         self.wanted: set[bytes] = set()  # the channels the hub follows
         self.sent: set[bytes] = set()  # those whose SUBSCRIBE went out on this connection
@@ -82,8 +88,13 @@ class Listener:
         """Whether `channel` is subscribed now, confirmed by Redis."""
         return self.connected and channel in self.sent and channel not in self.unconfirmed
 
+    def stop(self) -> None:
+        """Stop both loops and close the connection (a Cluster node this listener no longer serves)."""
+        gevent.killall(self._greenlets)
+        self.connected = False
+
     def _connect(self) -> Any:
-        return connect_once(self.url, "hub-pubsub", READ_TIMEOUT)
+        return connect_once(self.url, "hub-pubsub", READ_TIMEOUT, self.address)
 
     def _read_loop(self) -> None:
         backoff = 0.05
@@ -107,7 +118,11 @@ class Listener:
                 self._read(conn)
             except Exception as err:  # noqa: BLE001 - the loop must survive anything
                 self.connected = False
-                if isinstance(err, redis.RedisError):
+                if isinstance(err, redis.exceptions.MovedError | redis.exceptions.AskError):
+                    # SSUBSCRIBE to a node that no longer owns the slot: start afresh once re-routed.
+                    log.info("hub pub/sub: a channel's slot moved (%s); re-routing", err)
+                    self.on_moved()
+                elif isinstance(err, redis.RedisError):
                     log.warning("hub pub/sub: connection lost (%s); reconnecting", type(err).__name__)
                 else:
                     log.exception("hub pub/sub: unexpected error; reconnecting")
@@ -146,6 +161,12 @@ class Listener:
             if left > 0:
                 self.unconfirmed[channel] = left
                 return
+            if channel not in self.unconfirmed and kind in UNSUBSCRIBE_KINDS and channel in self.sent:
+                # Asked by no one: Redis dropped it (its Cluster slot moved). Subscribed again where it lives now.
+                self.sent.discard(channel)
+                self._changed.set()
+                self.on_moved()
+                return
             self.unconfirmed.pop(channel, None)
             if channel in self.sent:
                 self.on_subscribed(channel)
@@ -182,7 +203,10 @@ class Listener:
             self.sent.update(chunk)
         for channel in chunk:
             self.unconfirmed[channel] = self.unconfirmed.get(channel, 0) + 1
-        conn.send_command(command, *chunk, check_health=False)
+        if self.sharded:  # every channel of one SSUBSCRIBE must share a slot: one command each, one write
+            conn.send_packed_command(conn.pack_commands([(command, channel) for channel in chunk]), check_health=False)
+        else:
+            conn.send_command(command, *chunk, check_health=False)
         return True
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .redis import sentinel_url
+from .redis import CLUSTER_SCHEMES, cluster_url, sentinel_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_REDIS_SOCKET = PROJECT_ROOT / "var" / "redis.sock"
@@ -52,15 +52,13 @@ def _str(name: str, raw: str) -> str:
 
 def _redis_url(name: str, raw: str) -> str:
     scheme = urlsplit(raw).scheme
-    if scheme == "redis+cluster":
-        raise ConfigError(f"{name}: Redis Cluster (redis+cluster://) is not supported by this version yet")
-    if scheme not in ("redis", "rediss", "unix", "redis+sentinel"):
-        raise ConfigError(f"{name} must be a redis://, rediss://, unix:// or redis+sentinel:// URL")
-    if scheme == "redis+sentinel":
-        try:
-            sentinel_url(raw)
-        except ValueError as err:
-            raise ConfigError(f"{name}: {err}") from None
+    if scheme not in ("redis", "rediss", "unix", "redis+sentinel", *CLUSTER_SCHEMES):
+        raise ConfigError(f"{name} must be a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL")
+    try:
+        sentinel_url(raw)
+        cluster_url(raw)
+    except ValueError as err:
+        raise ConfigError(f"{name}: {err}") from None
     options = {key.lower() for key in parse_qs(urlsplit(raw).query)}
     refused = sorted(options & {"retry_on_timeout", "retry_on_error", "retry"})
     if refused:

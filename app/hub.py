@@ -21,8 +21,9 @@ import redis
 
 from . import sse
 from .broker import Listener, wait_for
+from .cluster_listener import ClusterListener
 from .errors import redis_unavailable
-from .redis import make_dedicated_client
+from .redis import is_cluster, make_dedicated_client
 from .store import (
     DELETED_NOTICE,
     Store,
@@ -80,7 +81,9 @@ class Hub:
     """The fan-out of one worker process."""
 
     def __init__(self, redis_url: str, store: Store, *, queue_max: int, stream_cap: int, lease_ttl: float = 30.0,
-                 coalesce: float = 0.0, sharded: bool = False):
+                 coalesce: float = 0.0):
+        # First, as it may fail (Redis down: the caller answers 503 and the next stream tries again).
+        sharded = store.publish == "SPUBLISH"
         self.store = store
         self.coalesce = coalesce
         self.queue_max = queue_max
@@ -98,8 +101,12 @@ class Hub:
         self.pid = os.getpid()
         self._control = make_dedicated_client(redis_url, "hub-control", 5.0)
         self._resync = gevent.event.Event()
-        self.listener = Listener(redis_url, on_messages=self._on_messages, on_subscribed=self._on_subscribed,
-                                 on_reconnected=self._resync.set, sharded=sharded)
+        callbacks = dict(on_messages=self._on_messages, on_subscribed=self._on_subscribed,
+                         on_reconnected=self._resync.set)
+        self.listener: Listener | ClusterListener = (
+            ClusterListener(redis_url, make_dedicated_client(redis_url, "hub-topology", 5.0), sharded=sharded,
+                            **callbacks)
+            if is_cluster(self._control) else Listener(redis_url, **callbacks))
         self._greenlets = [self._forever("check", self._check_loop), self._forever("resync", self._resync_loop)]
 
     @staticmethod

@@ -1,25 +1,31 @@
 """The Redis clients of a worker process (a bounded, blocking pool; the hub's own connections), and the accessor.
 
-`REDIS_URL` names a single Redis (`redis://`, `rediss://`, `unix://`) or a Sentinel-managed master
-(`redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db][?options]`).
+`REDIS_URL` names a single Redis (`redis://`, `rediss://`, `unix://`), a Sentinel-managed master
+(`redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db][?options]`) or a
+Redis Cluster (`redis+cluster://[user:password@]host:port[,host:port...][?options]`, or
+`rediss+cluster://` for TLS: any reachable nodes, the rest are discovered).
 """
 from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+import redis.cluster
 import redis.sentinel
 from flask import Flask, current_app
-from redis.backoff import ExponentialBackoff
-from redis.connection import AbstractConnection, parse_url
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands.core import Script
+from redis.connection import AbstractConnection, Encoder, parse_url
 from redis.retry import Retry
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # -> the scheme of each node
 
 
 class ConnectFailed(redis.exceptions.ConnectionError):
@@ -94,27 +100,61 @@ class SentinelUrl:
     options: dict[str, Any]
 
 
+def _addresses(netloc: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    """The host:port list of a URL's network location (credentials dropped)."""
+    addresses = []
+    for item in netloc.rpartition("@")[2].split(","):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+        addresses.append((host, int(port) if port else default_port))
+    return tuple(addresses)
+
+
+def _url_options(parts: Any, scheme: str) -> dict[str, Any]:
+    """The credentials and query options of a URL, as redis-py's own parsing gives them."""
+    options: dict[str, Any] = {}
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    if parts.password:
+        options["password"] = unquote(parts.password)
+    options.update({k: v for k, v in parse_url(f"{scheme}://localhost/?{parts.query}").items()
+                    if k not in ("host", "port", "db")})
+    return options
+
+
 def sentinel_url(url: str) -> SentinelUrl | None:
     """The parts of a `redis+sentinel://` URL; None for any other URL."""
     parts = urlsplit(url)
     if parts.scheme != SENTINEL_SCHEME:
         return None
-    sentinels = []
-    for item in parts.netloc.rpartition("@")[2].split(","):
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
-        sentinels.append((host, int(port) if port else SENTINEL_PORT))
+    sentinels = _addresses(parts.netloc, SENTINEL_PORT)
     path = [unquote(p) for p in parts.path.split("/") if p]
     if not path or not all(h for h, _ in sentinels):
         raise ValueError("a redis+sentinel:// URL needs host:port[,host:port...]/service_name")
-    options: dict[str, Any] = {"db": int(path[1]) if len(path) > 1 else 0}
-    if parts.username:
-        options["username"] = unquote(parts.username)
-    if parts.password:
-        options["password"] = unquote(parts.password)
-    if parts.query:  # redis-py's own parsing of the query options
-        options.update({k: v for k, v in parse_url(f"redis://localhost/?{parts.query}").items()
-                        if k not in ("host", "port", "db")})
-    return SentinelUrl(tuple(sentinels), path[0], options)
+    options = {"db": int(path[1]) if len(path) > 1 else 0, **_url_options(parts, "redis")}
+    options.pop("connection_class", None)
+    return SentinelUrl(sentinels, path[0], options)
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    """What a `redis+cluster://` URL names: nodes to discover the cluster from, and their options."""
+
+    nodes: tuple[tuple[str, int], ...]
+    options: dict[str, Any]
+
+
+def cluster_url(url: str) -> ClusterUrl | None:
+    """The parts of a `redis+cluster://` (or `rediss+cluster://`) URL; None for any other URL."""
+    parts = urlsplit(url)
+    scheme = CLUSTER_SCHEMES.get(parts.scheme)
+    if scheme is None:
+        return None
+    nodes = _addresses(parts.netloc, 6379)
+    if not all(h for h, _ in nodes):
+        raise ValueError("a redis+cluster:// URL needs host:port[,host:port...]")
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError("a redis+cluster:// URL names no database: a Redis Cluster has only database 0")
+    return ClusterUrl(nodes, _url_options(parts, scheme))
 
 
 _SENTINELS: dict[tuple, redis.sentinel.Sentinel] = {}
@@ -135,6 +175,74 @@ class BlockingSentinelConnectionPool(redis.sentinel.SentinelConnectionPool, redi
     """A pool of the Sentinel-named master's connections that waits (bounded) for a free one."""
 
 
+def _before_sending(call: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return call(*args, **kwargs)
+    except redis.exceptions.RedisClusterException as err:
+        # Not a RedisError in redis-py, yet raised before anything is sent (no node answers to
+        # learn the slot map from, a slot no node serves): as unavailable as a failed connect.
+        raise ConnectFailed(f"Redis Cluster: {err}") from err
+
+
+class _Cluster(redis.cluster.RedisCluster):
+    """The cluster client, whose own errors are ConnectFailed (a RedisError): callers answer 503, not 500."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return _before_sending(super().execute_command, *args, **kwargs)
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        pipe = super().pipeline(*args, **kwargs)
+        execute = pipe.execute
+        pipe.execute = lambda *a, **k: _before_sending(execute, *a, **k)
+        return pipe
+
+
+class LazyCluster:
+    """A Cluster client made on first use, as a pool connects on first use.
+
+    redis-py's client asks a node for the slot map and the command table as it is made: made
+    eagerly, a worker could not start while the Cluster is unreachable. Until it answers, each
+    use raises ConnectFailed (a 503), and the next use tries again.
+    """
+
+    def __init__(self, build: Callable[[], redis.cluster.RedisCluster]):
+        self._build = build
+        self._client: redis.cluster.RedisCluster | None = None
+
+    @property
+    def client(self) -> redis.cluster.RedisCluster:
+        """The cluster client, made now if it is not yet."""
+        if self._client is None:
+            # No lock (it would be a real one if made before gevent patches): two greenlets that
+            # race here make two clients, and the spare one is closed when it is collected.
+            client = _before_sending(self._build)
+            if self._client is None:
+                self._client = client
+        return self._client
+
+    @property
+    def built(self) -> bool:
+        """Whether the client was made (connections may be open)."""
+        return self._client is not None
+
+    @staticmethod
+    def get_encoder() -> Encoder:
+        """The encoder of the scripts registered on this client (redis-py's defaults)."""
+        return Encoder("utf-8", "strict", False)
+
+    def register_script(self, script: str) -> Script:
+        """A script run on this client, registered without connecting."""
+        return Script(self, script)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.client, name)
+
+
+Client = redis.Redis | redis.cluster.RedisCluster | LazyCluster
+
+
 def _pool(url: str, *, size: int, timeout: float, role: str, socket_timeout: float | None, safe: bool,
           health_check_interval: int = 0) -> redis.ConnectionPool:
     retry = _retry() if safe else Retry(ExponentialBackoff(cap=0.2, base=0.05), 0)
@@ -152,31 +260,90 @@ def _pool(url: str, *, size: int, timeout: float, role: str, socket_timeout: flo
     return BlockingSentinelConnectionPool(target.service, _sentinel(target), **options)
 
 
-def make_pool(url: str, size: int, timeout: float) -> redis.ConnectionPool:
-    """A pool that waits (bounded) for a free connection instead of opening more than `size`."""
-    return _pool(url, size=size, timeout=timeout, role="pool", socket_timeout=timeout, safe=True,
-                 health_check_interval=30)
+def _cluster_client(target: ClusterUrl, *, size: int, timeout: float, role: str, socket_timeout: float | None,
+                    health_check_interval: int = 0) -> LazyCluster:
+    """A Cluster client: per node a pool of at most `size` that waits for a free connection, nothing re-sent.
+
+    redis-py's cluster client re-sends a command after a ConnectionError or TimeoutError (and a
+    pipeline, each command whose reply was lost) as often as its `retry` allows: 0 here. MOVED,
+    ASK and TRYAGAIN are still followed (Redis did not run the command); a failed connect is
+    retried once by the connection class, as for a single Redis.
+    """
+    options = dict(target.options)
+    base = options.pop("connection_class", redis.Connection)
+    first, *rest = target.nodes
+    options.update(client_name=connection_name(role), max_connections=size, timeout=timeout,
+                   socket_timeout=socket_timeout, socket_connect_timeout=min(timeout, 2.0),
+                   health_check_interval=health_check_interval)
+    return LazyCluster(lambda: _Cluster(
+        # A url makes redis-py build every node's pool with connection_pool_class and our connection class.
+        url=f"redis://{first[0]}:{first[1]}", startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in rest],
+        retry=Retry(NoBackoff(), 0), connection_pool_class=redis.BlockingConnectionPool,
+        connection_class=_safe_subclass(base), **options,
+    ))
 
 
-def make_client(pool: redis.ConnectionPool) -> redis.Redis:
-    """A client on the given pool."""
-    return redis.Redis(connection_pool=pool)
+def make_client(url: str, size: int, timeout: float) -> Client:
+    """The requests' client: at most `size` connections (per Cluster node), waiting (bounded) for a free one."""
+    target = cluster_url(url)
+    if target is not None:
+        return _cluster_client(target, size=size, timeout=timeout, role="pool", socket_timeout=timeout,
+                               health_check_interval=30)
+    return redis.Redis(connection_pool=_pool(url, size=size, timeout=timeout, role="pool", socket_timeout=timeout,
+                                             safe=True, health_check_interval=30))
 
 
-def make_dedicated_client(url: str, role: str, socket_timeout: float | None) -> redis.Redis:
-    """A client of exactly one connection (the hub's control): pipelines included, nothing re-sent."""
+def make_dedicated_client(url: str, role: str, socket_timeout: float | None) -> Client:
+    """A client of exactly one connection (per Cluster node): the hub's control; nothing re-sent."""
+    target = cluster_url(url)
+    if target is not None:
+        return _cluster_client(target, size=1, timeout=30, role=role, socket_timeout=socket_timeout)
     return redis.Redis(connection_pool=_pool(url, size=1, timeout=30, role=role, socket_timeout=socket_timeout,
                                              safe=False))
 
 
-def connect_once(url: str, role: str, socket_timeout: float) -> Any:
+def close(client: Client) -> None:
+    """Close every connection of a client (each node's, on a Cluster)."""
+    if isinstance(client, LazyCluster):
+        client = client.client if client.built else None
+    if isinstance(client, redis.cluster.RedisCluster):
+        # A node client made on a pool of ours does not close that pool itself.
+        for node in client.get_nodes():
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
+        client.close()
+    elif client is not None:
+        client.connection_pool.disconnect()
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether `client` talks to a Redis Cluster."""
+    return isinstance(client, LazyCluster | redis.cluster.RedisCluster)
+
+
+def server_major(client: Client) -> int:
+    """The major version of the Redis server (any node of a Cluster: they run one version)."""
+    if is_cluster(client):
+        info = client.info("server", target_nodes=redis.cluster.RedisCluster.RANDOM)
+    else:
+        info = client.info("server")
+    return int(str(info["redis_version"]).split(".")[0])
+
+
+def connect_once(url: str, role: str, socket_timeout: float, address: tuple[str, int] | None = None) -> Any:
     """A connected connection (RESP2, no health checks) that never reconnects itself: the hub's pub/sub.
 
     redis-py reconnects a closed connection on its next send, which for a pub/sub connection
-    would subscribe a new socket behind its reader's back; this one raises instead.
+    would subscribe a new socket behind its reader's back; this one raises instead. On a
+    Cluster, `address` says which node.
     """
-    target = sentinel_url(url)
-    if target is None:
+    target, cluster = sentinel_url(url), cluster_url(url)
+    if cluster is not None:
+        if address is None:
+            raise ValueError("a Cluster pub/sub connection needs the node's address")
+        options = {**cluster.options, "host": address[0], "port": address[1]}
+        cls = options.pop("connection_class", redis.Connection)
+    elif target is None:
         options = parse_url(url)
         cls = options.pop("connection_class", redis.Connection)
     else:
@@ -211,11 +378,11 @@ def _one_shot(cls: type) -> type:
 
 
 def init_app(app: Flask) -> None:
-    """Create the worker's pool; connections are opened lazily, on first use."""
-    pool = make_pool(app.config["REDIS_URL"], app.config["REDIS_POOL_SIZE"], app.config["REDIS_TIMEOUT_SECONDS"])
-    app.extensions["redis"] = make_client(pool)
+    """Create the worker's client; connections are opened lazily, on first use."""
+    app.extensions["redis"] = make_client(app.config["REDIS_URL"], app.config["REDIS_POOL_SIZE"],
+                                          app.config["REDIS_TIMEOUT_SECONDS"])
 
 
-def get_redis(app: Any = None) -> redis.Redis:
+def get_redis(app: Any = None) -> Client:
     """The worker's Redis client."""
     return (app or current_app).extensions["redis"]

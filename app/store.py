@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import redis
 
+from .cluster import forget_slots, pipelines_per_node, run_on_key_node
 from .errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from .lua import (
     ACQUIRE_STREAM_LUA,
@@ -27,6 +28,7 @@ from .lua import (
     INDEX_LUA,
     RENEW_STREAMS_LUA,
 )
+from .redis import Client, is_cluster, server_major
 
 KEY_PREFIX = "ohk_"
 
@@ -153,12 +155,12 @@ def _text(value: bytes | None) -> str | None:
 class Store:
     """Conversations, events, API keys and stream leases, on one Redis client."""
 
-    def __init__(self, client: redis.Redis, *, retention: int = 0, idempotency_ttl: int = 86400,
-                 sharded_pubsub: bool = False, min_replicas: int = 0, replicas_timeout_ms: int = 1000):
+    def __init__(self, client: Client, *, retention: int = 0, idempotency_ttl: int = 86400,
+                 min_replicas: int = 0, replicas_timeout_ms: int = 1000):
         self.redis = client
         self.min_replicas = min_replicas
         self.replicas_timeout_ms = replicas_timeout_ms
-        self.publish = "SPUBLISH" if sharded_pubsub else "PUBLISH"
+        self._publish: str | None = None if is_cluster(client) else "PUBLISH"
         self.retention = retention
         self.idempotency_ttl = idempotency_ttl
         self._append = client.register_script(APPEND_LUA)
@@ -168,6 +170,13 @@ class Store:
         self._delete = client.register_script(DELETE_LUA)
         self._acquire_stream = client.register_script(ACQUIRE_STREAM_LUA)
         self._renew_streams = client.register_script(RENEW_STREAMS_LUA)
+
+    @property
+    def publish(self) -> str:
+        """How events are announced: SPUBLISH on a Redis 7+ Cluster (to the channel's shard only), else PUBLISH."""
+        if self._publish is None:  # asked once, on first use: Redis may be down when the worker starts
+            self._publish = "SPUBLISH" if server_major(self.redis) >= 7 else "PUBLISH"
+        return self._publish
 
     # Conversations ------------------------------------------------------------------------
 
@@ -228,10 +237,12 @@ class Store:
         """
         if not self.min_replicas:
             return script(keys=keys, args=args)
-        pipe = self.redis.pipeline(transaction=False)
-        script(keys=keys, args=args, client=pipe)
-        pipe.execute_command("WAIT", self.min_replicas, self.replicas_timeout_ms)
-        result, acked = pipe.execute()
+
+        def build(pipe: Any) -> None:
+            script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.min_replicas, self.replicas_timeout_ms)
+
+        result, acked = run_on_key_node(self.redis, keys[0], build)
         if acked < self.min_replicas and not (isinstance(result, list) and result[0] == -1):
             raise ServiceUnavailable(
                 f"stored, but {acked} of the {self.min_replicas} replicas required confirmed it within "
@@ -412,10 +423,17 @@ class Store:
 
     def renew_streams(self, leases: dict[str, list[str]], ttl: float, client: redis.Redis | None = None) -> None:
         """Renew the leases of these users' open streams (user id -> connection ids) for `ttl` seconds."""
-        pipe = (client or self.redis).pipeline(transaction=False)
-        for user_id, connection_ids in leases.items():
-            self._renew_streams(keys=[user_streams_key(user_id)], args=[ttl, *connection_ids], client=pipe)
-        pipe.execute()
+        users = list(leases)
+        keys = [user_streams_key(user_id) for user_id in users]
+        for node_client, positions in pipelines_per_node(client or self.redis, keys).items():
+            pipe = node_client.pipeline(transaction=False)
+            for i in positions:
+                self._renew_streams(keys=[keys[i]], args=[ttl, *leases[users[i]]], client=pipe)
+            try:
+                pipe.execute()
+            except (redis.exceptions.MovedError, redis.exceptions.AskError):
+                forget_slots(client or self.redis)  # renewed on the right node next time
+                raise
 
     def release_stream(self, user_id: str, connection_id: str) -> None:
         """Give a stream slot back."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -11,9 +12,15 @@ import pytest
 import redis
 
 from app import create_app
+from app.redis import close
 
 from .servers import Gunicorn, RedisServer
 from .sse_client import OPENED
+from .topologies import RedisCluster3
+
+# TEST_REDIS_TOPOLOGY=cluster runs the suite's Redis-facing tests on a 3-master Redis Cluster
+# (redis+cluster://) instead of one redis-server: the same tests, the other topology.
+ON_CLUSTER = os.environ.get("TEST_REDIS_TOPOLOGY", "") == "cluster"
 
 
 @pytest.fixture(autouse=True)
@@ -25,20 +32,27 @@ def close_streams() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for the whole run, on a free port: the machine's own Redis is never touched."""
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | RedisCluster3]:
+    """One redis-server (or Cluster) for the whole run, on free ports: the machine's own Redis is never touched."""
+    server = (RedisCluster3 if ON_CLUSTER else RedisServer)(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture()
-def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    """A client on the tests' Redis, flushed before and after each test."""
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushdb()
+def redis_client(redis_server: RedisServer | RedisCluster3) -> Iterator[redis.Redis]:
+    """A client on the tests' Redis (a cluster client on a Cluster), flushed before and after each test."""
+    if isinstance(redis_server, RedisCluster3):
+        client = redis_server.client()
+        flush = redis_server.flushall
+    else:
+        client = redis.Redis.from_url(redis_server.url)
+        flush = client.flushdb
+    flush()
     yield client
-    client.flushdb()
+    flush()
     client.close()
 
 
@@ -47,7 +61,7 @@ def app(redis_server: RedisServer, redis_client: redis.Redis):
     """The app on the tests' Redis, defaults as in production."""
     app = create_app({"REDIS_URL": redis_server.url, "TESTING": True})
     yield app
-    app.extensions["redis"].connection_pool.disconnect()
+    close(app.extensions["redis"])
 
 
 @pytest.fixture()

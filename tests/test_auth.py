@@ -10,6 +10,7 @@ from itsdangerous import TimestampSigner
 from app import create_app
 from app.auth import COOKIE_NAME
 from app.config import secret_from_file
+from app.redis import close
 from app.store import conv_events_key, conv_meta_key
 
 from .conftest import bearer, create
@@ -305,7 +306,7 @@ def test_cookies_work_across_workers_of_a_host(app, redis_server, make_key, redi
     try:
         assert cookie_only_client(other, cookie).get("/api/conversations").status_code == 200
     finally:
-        other.extensions["redis"].connection_pool.disconnect()
+        close(other.extensions["redis"])
     assert not [k for k in redis_client.keys("*") if b"secret" in k]  # nothing of it lives in Redis
 
 
@@ -320,8 +321,8 @@ def test_a_configured_secret_key_signs_the_cookies(redis_server, redis_client):
         assert cookie_only_client(one, cookie).get("/api/conversations").status_code == 200
         assert_401(cookie_only_client(two, cookie).get("/api/conversations"))
     finally:
-        one.extensions["redis"].connection_pool.disconnect()
-        two.extensions["redis"].connection_pool.disconnect()
+        close(one.extensions["redis"])
+        close(two.extensions["redis"])
 
 
 def test_the_cookie_does_not_contain_the_key(app, make_key):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from app import create_app
+from app.redis import close
 
 from .conftest import bearer
 
@@ -153,7 +154,7 @@ def test_commands_say_when_redis_is_unreachable():
             assert "***" in result.output
             assert "Traceback" not in result.output
     finally:
-        app.extensions["redis"].connection_pool.disconnect()
+        close(app.extensions["redis"])
 
 
 def test_the_real_flask_command(app, redis_server):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from app import create_app
+from app.redis import close
 from app.store import CREATE_PENDING_TTL, conv_events_key, conv_meta_key, user_conversations_key, user_sequence_key
 
 from .conftest import assert_error, bearer, create
@@ -34,7 +35,7 @@ def short_memory(redis_server, redis_client):
     """The app remembering Idempotency-Keys for 1 s."""
     app = create_app({"REDIS_URL": redis_server.url, "TESTING": True, "IDEMPOTENCY_TTL_SECONDS": 1})
     yield app
-    app.extensions["redis"].connection_pool.disconnect()
+    close(app.extensions["redis"])
 
 
 def test_remembered_answers_expire_with_their_ttl_and_take_their_keys_along(short_memory, redis_client):

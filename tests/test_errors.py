@@ -7,6 +7,7 @@ import time
 import pytest
 
 from app import create_app
+from app.redis import close
 
 from .conftest import assert_error, assert_no_trace, bearer, create
 from .servers import RedisServer, wait_until
@@ -175,7 +176,7 @@ def down_app():
     """The app with Redis on a port where nobody listens."""
     app = create_app({"REDIS_URL": "redis://127.0.0.1:1/0", "REDIS_TIMEOUT_SECONDS": 0.3, "TESTING": True})
     yield app
-    app.extensions["redis"].connection_pool.disconnect()
+    close(app.extensions["redis"])
 
 
 def test_redis_unreachable_is_503_on_every_route(down_app, app, make_key):
@@ -217,7 +218,7 @@ def test_redis_that_does_not_answer_is_503(silent_redis, app, make_key):
         assert_503(hung.test_client().get("/api/conversations", headers=bearer(key)))
         assert time.monotonic() - started < 3
     finally:
-        hung.extensions["redis"].connection_pool.disconnect()
+        close(hung.extensions["redis"])
 
 
 def test_the_app_recovers_when_redis_is_back(tmp_path):

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from app import create_app
+from app.redis import close
 
 from .conftest import assert_error, bearer
 
@@ -299,7 +300,7 @@ def test_a_smaller_configured_limit(redis_server, redis_client):
         response = client.post("/api/conversations", json={"initial_user_msg": "x" * 100}, headers=bearer(key))
         assert_error(response, 413)
     finally:
-        app.extensions["redis"].connection_pool.disconnect()
+        close(app.extensions["redis"])
 
 
 # Listing ----------------------------------------------------------------------------------------
@@ -441,7 +442,7 @@ def test_the_key_lifetime_is_a_setting(redis_server, redis_client):
         redis_client.delete(record)  # as if it had expired
         assert post_ok(client, key, cid, MESSAGE, headers={"Idempotency-Key": "k"}) == 1
     finally:
-        app.extensions["redis"].connection_pool.disconnect()
+        close(app.extensions["redis"])
 
 
 @pytest.mark.parametrize("value", ["", "x" * 256, "tab\tkey", "ünï"])
@@ -518,7 +519,7 @@ def retention_app(redis_server, redis_client):
     """The app keeping 5 events per conversation."""
     app = create_app({"REDIS_URL": redis_server.url, "TESTING": True, "EVENT_RETENTION": 5})
     yield app
-    app.extensions["redis"].connection_pool.disconnect()
+    close(app.extensions["redis"])
 
 
 def test_retention_keeps_the_last_events(retention_app):

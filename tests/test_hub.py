@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 from app import create_app
+from app.redis import close
 
 from .conftest import Api, bearer
 from .servers import wait_until
@@ -88,7 +89,7 @@ def test_a_gap_trimmed_by_retention_while_pubsub_was_down_is_said_in_band(start_
     assert kill_pubsub(redis_client) >= 1
     for _ in range(20):
         store.append_event(None, cid, {"type": "user_message", "content": "x"}, source="user")
-    app.extensions["redis"].connection_pool.disconnect()
+    close(app.extensions["redis"])
     got = stream.take(6, timeout=10)
     truncated = [ev for ev in got if ev.event == "history_truncated"]
     assert truncated and truncated[0].json() == {"earliest_event_id": 16}, [(e.event, e.id) for e in got]

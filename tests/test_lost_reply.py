@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from app import create_app, lua
+from app.redis import close
 
 from .conftest import Api, bearer
 from .faultproxy import Argv, Fault, FaultProxy, command_name, describe
@@ -339,7 +340,7 @@ def test_create_api_key_returns_a_working_key_or_raises(step, fault, proxy, redi
             created = None
         fault_fired(armed, proxy)
     finally:
-        proxied.extensions["redis"].connection_pool.disconnect()
+        close(proxied.extensions["redis"])
     records = alice_key_records(redis_client)
     assert len(records) <= 1, f"one create_api_key left {len(records)} records: {records}"
     if created is not None:

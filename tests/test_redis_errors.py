@@ -10,6 +10,7 @@ from flask import Flask
 from redis._parsers.base import BaseParser
 
 from app import create_app, errors
+from app.redis import close
 
 from .conftest import assert_error, bearer, create
 from .servers import RedisServer, free_port, wait_until
@@ -72,7 +73,7 @@ def make_app() -> Iterator[Callable[[RedisServer], Flask]]:
         yield make
     finally:
         for app in apps:
-            app.extensions["redis"].connection_pool.disconnect()
+            close(app.extensions["redis"])
 
 
 def seed(app: Flask) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from app import create_app
+from app.redis import close
 
 from .conftest import Api, bearer
 from .servers import ROOT, VENV_BIN, wait_until
@@ -23,7 +24,7 @@ def sentinel_app(sentinel: Sentinel3) -> Iterator:  # noqa: F811
     """The app in this process on the sentinel's master (for keys and direct checks)."""
     app = create_app({"REDIS_URL": sentinel.url, "TESTING": True})
     yield app
-    app.extensions["redis"].connection_pool.disconnect()
+    close(app.extensions["redis"])
 
 
 def test_rest_streams_and_idempotency_work_through_the_sentinels(sentinel: Sentinel3, sentinel_app,  # noqa: F811
@@ -116,7 +117,7 @@ def test_a_failover_loses_no_acknowledged_event_and_streams_resume_by_themselves
     finally:
         for reader in readers:
             reader.stop()
-        app.extensions["redis"].connection_pool.disconnect()
+        close(app.extensions["redis"])
         topology.stop()
 
 

@@ -11,6 +11,7 @@ import pytest
 from app import create_app
 from app.auth import COOKIE_NAME
 from app.config import ConfigError, secret_from_file
+from app.redis import close
 
 from .conftest import bearer
 
@@ -90,6 +91,6 @@ def test_an_unusable_secret_file_stops_the_start_with_a_clear_error(redis_server
 def test_a_configured_secret_key_needs_no_file(redis_server, tmp_path):
     path = tmp_path / "never"
     app = create_app({"REDIS_URL": redis_server.url, "SECRET_KEY": "configured", "SECRET_KEY_FILE": str(path)})
-    app.extensions["redis"].connection_pool.disconnect()
+    close(app.extensions["redis"])
     assert not Path(path).exists()
 
