@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, TypeVar
 
 from flask import Flask, Response, current_app, g, request
 from itsdangerous import BadSignature, TimestampSigner
+from werkzeug.http import dump_cookie
 
 from .config import secret_from_file
 from .errors import Unauthorized
@@ -137,17 +139,33 @@ def init_app(app: Flask) -> None:
                 and not getattr(app.view_functions.get(request.endpoint), "self_authenticating", False):
             current_caller()
 
-    @app.after_request
-    def _session_cookie(response: Response) -> Response:
-        caller = g.get("caller")
-        if caller is not None and caller.via == "bearer" and 200 <= response.status_code < 300:
-            response.set_cookie(
+    # The Set-Cookie line depends only on the key, the scheme and the current second (the
+    # signature's timestamp, the Expires date): made once per second for each, not per answer.
+    cookies: dict[tuple[str, bool], str] = {}
+    cookies_second = [0]
+
+    def cookie_line(key_id: str, secure: bool) -> str:
+        now = int(time.time())
+        if now != cookies_second[0]:
+            cookies.clear()  # only this second's lines are kept: at most one per key in use
+            cookies_second[0] = now
+        line = cookies.get((key_id, secure))
+        if line is None:
+            line = cookies[(key_id, secure)] = dump_cookie(
                 COOKIE_NAME,
-                _signer().sign(caller.key_id).decode(),
+                _signer().sign(key_id).decode(),
                 max_age=app.config["SESSION_MAX_AGE_SECONDS"],
                 path="/",
                 httponly=True,
                 samesite="Lax",
-                secure=request.is_secure,
+                secure=secure,
+                max_size=app.config["MAX_COOKIE_SIZE"],
             )
+        return line
+
+    @app.after_request
+    def _session_cookie(response: Response) -> Response:
+        caller = g.get("caller")
+        if caller is not None and caller.via == "bearer" and 200 <= response.status_code < 300:
+            response.headers.add("Set-Cookie", cookie_line(caller.key_id, request.is_secure))
         return response
