@@ -1,0 +1,144 @@
+"""The service on a real 3-master Redis Cluster: every master used, sharded pub/sub, bounded connections."""
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from app.redis import close, make_client, server_major
+from app.store import Store, conv_channel, conv_meta_key
+
+from .conftest import Api, bearer
+from .servers import wait_until
+from .sse_client import open_stream
+from .topologies import RedisCluster3, cluster  # noqa: F401 (a fixture, used by name)
+
+SSE = "/api/sse/conversations/{}/events"
+
+
+@pytest.fixture()
+def cluster_store(cluster: RedisCluster3) -> Iterator[Store]:  # noqa: F811
+    """The store on the cluster (emptied before and after the test)."""
+    cluster.flushall()
+    client = make_client(cluster.url, 4, 5)
+    yield Store(client)
+    close(client)
+    cluster.flushall()
+
+
+@pytest.fixture()
+def cluster_api(cluster: RedisCluster3, cluster_store: Store, start_server) -> tuple[object, Api]:  # noqa: F811
+    """One gevent worker on the cluster, and alice's client."""
+    server = start_server(redis_url=cluster.url, REDIS_POOL_SIZE="8", SSE_MAX_STREAMS_PER_USER="500")
+    return server, Api(server.base, cluster_store.create_api_key("alice")[1])
+
+
+def ids_of(events) -> list[int]:
+    """The ids of conversation events (named events left out)."""
+    return [int(ev.id) for ev in events if ev.id is not None]
+
+
+def connections_by_role(cluster: RedisCluster3, pid: int) -> dict[tuple[str, int], collections.Counter]:  # noqa: F811
+    """Per master, the connections worker `pid` holds there, counted by role (pool, hub-pubsub, ...)."""
+    out = {}
+    for host, port in cluster.nodes:
+        node = redis.Redis(host=host, port=port, socket_timeout=5)
+        try:
+            names = [c["name"] for c in node.client_list() if c["name"].startswith(f"oh-sse:{pid}:")]
+        finally:
+            node.close()
+        out[(host, port)] = collections.Counter(name.rsplit(":", 1)[1] for name in names)
+    return out
+
+
+def test_conversations_of_one_worker_land_on_every_master_and_each_stream_gets_its_events(
+        cluster: RedisCluster3, cluster_api) -> None:  # noqa: F811
+    server, api = cluster_api
+    cids = [api.create() for _ in range(24)]
+    masters = {cluster.master_of(conv_meta_key(cid)) for cid in cids}
+    assert masters == set(cluster.nodes)  # 24 random ids: all three masters hold some
+    streams = {cid: open_stream(server.port, SSE.format(cid), bearer(api.key)) for cid in cids}
+    for s in streams.values():
+        assert s.take(1)[0].event == "connection"
+    for _ in range(3):
+        for cid in cids:
+            api.post(cid)
+    for cid, s in streams.items():
+        assert ids_of(s.take(3, timeout=10)) == [0, 1, 2], cid  # every event once, in order, on every master
+
+
+def test_two_hundred_streams_over_a_hundred_conversations_hold_a_fixed_number_of_connections(
+        cluster: RedisCluster3, cluster_api) -> None:  # noqa: F811
+    server, api = cluster_api
+    pid = server.worker_pids()[0]
+    cids = [api.create() for _ in range(100)]
+    opened = []
+    for count in (10, 100):
+        for cid in cids[len(opened) // 2:count]:
+            for _ in range(2):
+                opened.append(open_stream(server.port, SSE.format(cid), bearer(api.key)))
+                assert opened[-1].take(1)[0].event == "connection"
+        held = connections_by_role(cluster, pid)
+        # The hub's are fixed: one pub/sub connection (per master with sharded pub/sub, else one in
+        # all) and one control connection per master; the pool's are the requests' (at most 8 per master).
+        sharded = server_major(cluster.client()) >= 7
+        pubsub = sum(roles["hub-pubsub"] for roles in held.values())
+        assert pubsub == (3 if sharded else 1), held
+        for roles in held.values():
+            assert roles["hub-control"] <= 1 and roles["hub-topology"] <= 1 and roles["pool"] <= 8, held
+            assert sum(roles.values()) <= 1 + 1 + 1 + 8, held
+    assert len(opened) == 200
+    for cid in cids:
+        api.post(cid)
+    for i, s in enumerate(opened):
+        assert ids_of(s.take(1, timeout=10)) == [0], cids[i // 2]
+
+
+def test_announcements_use_sharded_pubsub_on_redis_7(cluster: RedisCluster3, cluster_api) -> None:  # noqa: F811
+    server, api = cluster_api
+    if server_major(cluster.client()) < 7:
+        pytest.skip("Redis 6.2 has no sharded pub/sub: PUBLISH is broadcast, one listener hears every channel")
+    cid = api.create()
+    stream = open_stream(server.port, SSE.format(cid), bearer(api.key))
+    assert stream.take(1)[0].event == "connection"
+    channel = conv_channel(cid)
+    owner = cluster.master_of(channel)
+    for host, port in cluster.nodes:
+        node = redis.Redis(host=host, port=port, socket_timeout=5)
+        try:
+            if (host, port) == owner:  # followed on the master of its slot (the others would redirect)
+                assert node.execute_command("PUBSUB", "SHARDNUMSUB", channel) == [channel.encode(), 1]
+            assert node.execute_command("PUBSUB", "NUMSUB", channel) == [channel.encode(), 0]  # no classic channel
+        finally:
+            node.close()
+    api.post(cid)
+    assert ids_of(stream.take(1)) == [0]
+
+
+def test_pubsub_connections_killed_on_every_master_while_posting_lose_and_repeat_nothing(
+        cluster: RedisCluster3, cluster_api) -> None:  # noqa: F811
+    server, api = cluster_api
+    cids = [api.create() for _ in range(9)]
+    streams = [open_stream(server.port, SSE.format(cid), bearer(api.key)) for cid in cids]
+    for s in streams:
+        assert s.take(1)[0].event == "connection"
+
+    def kill_pubsub() -> int:
+        killed = 0
+        for host, port in cluster.nodes:
+            node = redis.Redis(host=host, port=port, socket_timeout=5)
+            try:
+                killed += node.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            finally:
+                node.close()
+        return killed
+
+    for round_ in range(8):
+        for cid in cids:
+            api.post(cid)
+        if round_ in (2, 5):
+            wait_until(lambda: kill_pubsub() >= 1, 10, what="the hub's pub/sub connections to kill")
+    for cid, s in zip(cids, streams, strict=True):
+        assert ids_of(s.take(8, timeout=15)) == list(range(8)), cid
