@@ -44,15 +44,16 @@ class Listener:
         on_reconnected: Callable[[], None],
         sharded: bool = False,
         address: tuple[str, int] | None = None,
-        on_moved: Callable[[], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
     ):
         self.url = redis_url
         self.address = address  # the node, on a Cluster
         self.on_messages = on_messages
         self.on_subscribed = on_subscribed
         self.on_reconnected = on_reconnected
-        # A channel Redis will not serve here (a Cluster slot that moved): the caller re-routes it.
-        self.on_moved = on_moved or (lambda: None)
+        # The connection lost or refused, or a channel Redis will not serve here (a Cluster slot
+        # that moved): on a Cluster the caller reads the slot map again and re-routes.
+        self.on_lost = on_lost or (lambda: None)
         self.sharded = sharded
         self.commands = (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
         self.wanted: set[bytes] = set()  # the channels the hub follows
@@ -103,6 +104,7 @@ class Listener:
                 conn = self._connect()
             except Exception as err:  # noqa: BLE001 - whatever it is, retry later
                 log.warning("hub pub/sub: cannot connect (%s); retrying in %.2fs", type(err).__name__, backoff)
+                self.on_lost()
                 gevent.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
@@ -121,11 +123,11 @@ class Listener:
                 if isinstance(err, redis.exceptions.MovedError | redis.exceptions.AskError):
                     # SSUBSCRIBE to a node that no longer owns the slot: start afresh once re-routed.
                     log.info("hub pub/sub: a channel's slot moved (%s); re-routing", err)
-                    self.on_moved()
                 elif isinstance(err, redis.RedisError):
                     log.warning("hub pub/sub: connection lost (%s); reconnecting", type(err).__name__)
                 else:
                     log.exception("hub pub/sub: unexpected error; reconnecting")
+                self.on_lost()
                 gevent.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
@@ -165,7 +167,7 @@ class Listener:
                 # Asked by no one: Redis dropped it (its Cluster slot moved). Subscribed again where it lives now.
                 self.sent.discard(channel)
                 self._changed.set()
-                self.on_moved()
+                self.on_lost()
                 return
             self.unconfirmed.pop(channel, None)
             if channel in self.sent:

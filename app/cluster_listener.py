@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 REFRESH_EVERY = 10.0  # the slot map is read this often anyway (a failover elsewhere, a resharding)
 REFRESH_WHILE_DOWN = 1.0  # ...and this often while a master's connection is down
+REFRESH_GAP = 0.25  # never more often than this, however often listeners say they lost their node
 
 
 class ClusterListener:
@@ -124,6 +125,7 @@ class ClusterListener:
                 self._refresh.wait(timeout=REFRESH_WHILE_DOWN)
                 self._refresh.clear()
                 continue
+            gevent.sleep(REFRESH_GAP)
             down = not self.connected or self.wanted != set(self.route)
             self._refresh.wait(timeout=REFRESH_WHILE_DOWN if down else REFRESH_EVERY)
             self._refresh.clear()
@@ -161,4 +163,4 @@ class ClusterListener:
 
     def _listener(self, address: tuple[str, int]) -> Listener:
         return Listener(self.url, address=address, sharded=self.sharded, on_reconnected=self.on_reconnected,
-                        on_moved=self._refresh.set, **self._callbacks)
+                        on_lost=self._refresh.set, **self._callbacks)

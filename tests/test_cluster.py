@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +12,7 @@ from app.redis import close, make_client, server_major
 from app.store import Store, conv_channel, conv_meta_key
 
 from .conftest import Api, bearer
+from .failover import Follower, post_with_retries
 from .servers import wait_until
 from .sse_client import open_stream
 from .topologies import RedisCluster3, cluster  # noqa: F401 (a fixture, used by name)
@@ -142,3 +144,56 @@ def test_pubsub_connections_killed_on_every_master_while_posting_lose_and_repeat
             wait_until(lambda: kill_pubsub() >= 1, 10, what="the hub's pub/sub connections to kill")
     for cid, s in zip(cids, streams, strict=True):
         assert ids_of(s.take(8, timeout=15)) == list(range(8)), cid
+
+
+@pytest.mark.timeout(300)
+def test_a_master_failover_loses_no_acknowledged_event_and_its_streams_resume(tmp_path, start_server) -> None:
+    """Kill the master of one conversation (REDIS_MIN_REPLICAS_ACK=1): its replica takes over, the hub follows."""
+    topology = RedisCluster3(tmp_path / "cluster", replicas=True).start()
+    client = make_client(topology.url, 4, 5)
+    followers: list[Follower] = []
+    try:
+        store = Store(client)
+        key = store.create_api_key("sam")[1]
+        cids = {}
+        while len(cids) < 2:  # one conversation on the master to kill, one on another master
+            cid = store.new_conversation_id()
+            master = topology.master_of(conv_meta_key(cid))
+            if master == topology.nodes[0] and "doomed" not in cids:
+                cids["doomed"] = cid
+            elif master != topology.nodes[0] and "other" not in cids:
+                cids["other"] = cid
+            else:
+                continue
+            store.create_conversation("sam", cid, repository=None, branch=None, title="t", initial_user_msg=None)
+        server = start_server(redis_url=topology.url, REDIS_MIN_REPLICAS_ACK="1", REDIS_REPLICAS_ACK_TIMEOUT_MS="500",
+                              REDIS_TIMEOUT_SECONDS="1", SSE_MAX_STREAMS_PER_USER="0")
+        total, before_kill = 30, 10
+        acked = {name: {} for name in cids}
+        refused: dict[str, list] = {name: [] for name in cids}
+        followers.extend(Follower(server.port, cid, key) for cid in cids.values() for _ in range(3))
+        posters = [threading.Thread(target=post_with_retries, args=(Api(server.base, key), cid, total, acked[name],
+                                                                    refused[name])) for name, cid in cids.items()]
+        for poster in posters:
+            poster.start()
+        wait_until(lambda: len(acked["doomed"]) >= before_kill, 30, what="posts before the failover")
+        topology.kill_node(topology.nodes[0][1])
+        wait_until(lambda: topology.master_of(conv_meta_key(cids["doomed"])) != topology.nodes[0], 30,
+                   what="the replica to take over")
+        topology.restart_node(topology.nodes[0][1])  # back as a replica, so that WAIT 1 can be met again
+        topology.wait_healthy(60)
+        for poster in posters:
+            poster.join(160)
+        for name in cids:
+            assert len(acked[name]) == total, (name, len(acked[name]), refused[name][-12:][::-1])
+            assert sorted(acked[name].values()) == list(range(total))  # every post stored once, none lost
+        for follower in followers:
+            wait_until(lambda f=follower: len(f.ids) >= total or f.error, 60, what="every event on every stream")
+        for follower in followers:
+            follower.stop()
+            assert follower.error is None and follower.ids == list(range(total)), (follower.ids, follower.error)
+    finally:
+        for follower in followers:
+            follower.stop()
+        close(client)
+        topology.stop()

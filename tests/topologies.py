@@ -183,17 +183,34 @@ class RedisCluster3:
     def _spawn(self) -> None:
         """Start one redis-server per port, each in its own dir with its own nodes.conf; wait until they answer."""
         for port in self.ports:
-            node_dir = self.workdir / f"node-{port}"
-            node_dir.mkdir(parents=True, exist_ok=True)
-            self.procs[port] = subprocess.Popen(
-                [redis_server_binary(), "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-                 "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
-                 "--cluster-node-timeout", str(self.node_timeout_ms), "--dir", str(node_dir),
-                 "--logfile", str(node_dir / "redis.log"), "--daemonize", "no", *REPLICATION_OPTS],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
+            self._spawn_node(port)
         for port in self.ports:
             _wait_answers(self.procs[port], port, self.workdir / f"node-{port}" / "redis.log", "cluster node")
+
+    def _spawn_node(self, port: int) -> None:
+        node_dir = self.workdir / f"node-{port}"
+        node_dir.mkdir(parents=True, exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            [redis_server_binary(), "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+             "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+             "--cluster-node-timeout", str(self.node_timeout_ms), "--dir", str(node_dir),
+             "--logfile", str(node_dir / "redis.log"), "--daemonize", "no", *REPLICATION_OPTS],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def restart_node(self, port: int) -> None:
+        """Start a killed node again on its port and nodes.conf: it rejoins (a failed-over master as a replica)."""
+        self._spawn_node(port)
+        _wait_answers(self.procs[port], port, self.workdir / f"node-{port}" / "redis.log", "cluster node")
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        """Until every node says the cluster is ok and every master has its replica in sync again."""
+        clients = {port: self._node(port, socket_timeout=2) for port in self.ports}
+        try:
+            wait_until(lambda: self._agreed(clients), timeout, interval=0.1, what="the cluster to be whole again")
+        finally:
+            for client in clients.values():
+                client.close()
 
     def _form(self) -> None:
         """What redis-cli --cluster create does, by hand: epochs, slots, MEET, REPLICATE, then wait for agreement."""
@@ -230,13 +247,14 @@ class RedisCluster3:
     def _agreed(self, clients: dict[int, redis.Redis]) -> bool:
         """Every node says ok, knows every node, and reports the same complete slot map (replicas included)."""
         maps = []
-        for port, client in clients.items():
+        for client in clients.values():
             try:
                 if _info_field(client, "CLUSTER INFO", "cluster_state") != "ok":
                     return False
                 if _info_field(client, "CLUSTER INFO", "cluster_known_nodes") != str(len(self.ports)):
                     return False
-                if port in self.ports[3:] and _info_field(client, "INFO replication", "master_link_status") != "up":
+                replica = _info_field(client, "INFO replication", "role") == "slave"  # after a failover: any node
+                if replica and _info_field(client, "INFO replication", "master_link_status") != "up":
                     return False
                 maps.append(self._slot_map(client))
             except redis.RedisError:
