@@ -81,7 +81,8 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "REDIS_URL": (
         f"unix://{EMBEDDED_REDIS_SOCKET}",
         _redis_url,
-        "Redis to use; unset: the embedded Redis that the run command starts (var/redis.sock)",
+        "Redis to use (redis://, rediss://, unix://, redis+sentinel://, redis+cluster://); unset: the embedded "
+        "Redis that the run command starts (var/redis.sock)",
     ),
     "REDIS_MIN_REPLICAS_ACK": (
         "0", _int(0, 100), "replicas that must confirm an event (WAIT) before its post is answered; 0: none",

@@ -8,12 +8,13 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from app import create_app
 from app.redis import close, make_client, server_major
 from app.store import Store, conv_channel, conv_meta_key
 
-from .conftest import Api, bearer
+from .conftest import Api, assert_error, bearer
 from .failover import Follower, post_with_retries
-from .servers import wait_until
+from .servers import free_port, wait_until
 from .sse_client import open_stream
 from .topologies import RedisCluster3, cluster  # noqa: F401 (a fixture, used by name)
 
@@ -197,3 +198,15 @@ def test_a_master_failover_loses_no_acknowledged_event_and_its_streams_resume(tm
             follower.stop()
         close(client)
         topology.stop()
+
+
+def test_a_worker_starts_while_the_cluster_is_unreachable_and_answers_503_until_it_answers() -> None:
+    app = create_app({"REDIS_URL": f"redis+cluster://127.0.0.1:{free_port()}", "TESTING": True,
+                      "REDIS_TIMEOUT_SECONDS": 0.5})
+    try:
+        answer = app.test_client().get("/api/conversations", headers=bearer("ohk_0123456789abcdef_x"))
+        body = assert_error(answer, 503, "redis_unavailable")
+        assert answer.headers["Retry-After"] == "1" and "Cluster" not in body["message"]
+        assert_error(app.test_client().get("/healthz"), 503, "redis_unavailable")
+    finally:
+        close(app.extensions["redis"])
