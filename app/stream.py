@@ -14,7 +14,7 @@ from .errors import redis_unavailable
 from .sse import PING, PING_CHUNK, event_frame, history_truncated, http_chunk
 
 if TYPE_CHECKING:
-    from .hub import Hub, Subscriber
+    from .hub import Conversation, Hub, Subscriber
     from .store import Store
 
 log = logging.getLogger(__name__)
@@ -44,24 +44,54 @@ def client_gone(sock: socket.socket) -> bool:
         sock.settimeout(timeout)
 
 
-def catch_up(store: Store, sub: Subscriber, upto: int | None = None) -> Iterator[bytes]:
-    """Frames of the stored events after the subscriber's last one (up to `upto`), page by page.
+def page_frames(after: int, page: list[tuple[int, bytes]]) -> bytes:
+    """The frames of a page of stored events read after event `after`.
 
     A first event later than the next expected id means retention trimmed the ones between:
     that is said in band with `history_truncated` before the events go out.
     """
+    frames = [history_truncated(page[0][0])] if page[0][0] > after + 1 else []
+    frames.extend(event_frame(n, data) for n, data in page)
+    return b"".join(frames)
+
+
+def catch_up(store: Store, sub: Subscriber, upto: int | None = None) -> Iterator[bytes]:
+    """Frames of the stored events after the subscriber's last one (up to `upto`), page by page."""
     while upto is None or sub.last_sent < upto:
         page = store.read_after(sub.conversation_id, sub.last_sent, CATCH_UP_PAGE)
         if upto is not None:
             page = [(n, data) for n, data in page if n <= upto]
         if not page:
             return
-        frames = [history_truncated(page[0][0])] if page[0][0] > sub.last_sent + 1 else []
-        frames.extend(event_frame(n, data) for n, data in page)
+        frames = page_frames(sub.last_sent, page)
         sub.last_sent = page[-1][0]
-        yield b"".join(frames)
+        yield frames
         if len(page) < CATCH_UP_PAGE:
             return
+
+
+def followed(hub: Hub | None, cid: str) -> Conversation | None:
+    """The hub's state for `cid` if the hub follows it now, confirmed by Redis; else None.
+
+    Every event stored after this moment is announced to the hub: a stream that reads the store
+    now, before it registers, misses nothing the hub has not handed out by then (see `gapless`).
+    """
+    if hub is None or hub.closing:
+        return None
+    conv = hub.conversations.get(cid)
+    return conv if conv is not None and hub.listener.is_subscribed(conv.channel) else None
+
+
+def gapless(hub: Hub, conv: Conversation, upto: int) -> bool:
+    """Whether a stream registered now lacks nothing after `upto`, read while `conv` was `followed`.
+
+    The events after `upto` were stored after the read, so announced to the hub, which hands them
+    out in id order: those it handed out before the stream registered are at most `conv.position`
+    (which only grows). The same conversation (not one followed anew, whose subscription came
+    later) and nothing handed out past `upto`: then every event the stream lacks is still to come
+    through the hub.
+    """
+    return hub.conversations.get(conv.cid) is conv and (conv.position is None or conv.position <= upto)
 
 
 def live_frames(store: Store, sub: Subscriber) -> bytes:
@@ -153,12 +183,18 @@ def stored_then_end(store: Store, sub: Subscriber, opening: bytes) -> Iterator[b
             raise
 
 
-def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: float) -> Iterator[bytes]:
-    """The body of an SSE response: opening, stored events, then live ones; pings while idle."""
+def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: float,
+           caught_up: bool = False) -> Iterator[bytes]:
+    """The body of an SSE response: opening, stored events, then live ones; pings while idle.
+
+    `caught_up`: the opening holds every stored event the stream lacks (read with the caller's
+    checks, and `gapless`), so the store is not read again.
+    """
     try:
         hub.started(sub)
         yield opening
-        yield from catch_up(store, sub)
+        if not caught_up:
+            yield from catch_up(store, sub)
         if sub.fd is not None:
             # What arrived during the catch-up goes out through gunicorn; then the hub writes.
             while sub.pending and sub.end_reason is None:

@@ -11,12 +11,14 @@ from .. import sse, stream, validation
 from ..auth import authenticate_with, current_caller, self_authenticating
 from ..errors import BadRequest, NotFound, ServiceUnavailable, TooManyRequests
 from ..hub import Hub, HubUnavailable, gevent_ready
-from ..store import CONVERSATION_ID, Store, conv_meta_key
+from ..store import CONVERSATION_ID, MAX_EVENT_ID, Store, conv_events_key, conv_meta_key, entry_id, event_id_of
 from ..subscriber import Subscriber
 from . import get_store
 
 bp = Blueprint("sse", __name__, url_prefix="/api/sse")
 
+# Events read with the caller's checks (a conversation followed here already); past them the stream reads on.
+PREFETCH = 100
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -72,6 +74,17 @@ def _owner(reply: list[bytes | None]) -> str | None:
     return owner.decode() if owner is not None and pending is None else None
 
 
+def _stored(entries: list) -> list[tuple[int, bytes]]:
+    """The (event id, stored JSON) of the entries an XRANGE of a conversation's events gave (as Store.read_after)."""
+    return [(event_id_of(eid), fields[b"e"]) for eid, fields in entries if b"e" in fields]
+
+
+def _running_hub() -> Hub | None:
+    """The worker's hub if it has started one (never starts it)."""
+    hub = current_app.extensions.get("hub")
+    return hub if hub is not None and hub.pid == os.getpid() else None
+
+
 @bp.get("/conversations/<cid>/events")
 @self_authenticating
 def stream_events(cid: str) -> Response:
@@ -85,12 +98,19 @@ def stream_events(cid: str) -> Response:
         raise
     store = get_store()
     known = CONVERSATION_ID.fullmatch(cid) is not None  # another id never reaches Redis (a `}` breaks the hash tag)
+    # A conversation this worker follows already (another tab's): what is stored after the
+    # client's id is read in the same round trip, and the store is not read again after the
+    # stream registers (when `gapless` says nothing can fall between the two).
+    conv = stream.followed(_running_hub(), cid) if known and request.method == "GET" else None
+    prefetch = conv is not None and latest < MAX_EVENT_ID
 
     def reads(pipe: Any) -> None:
         if known:
             pipe.hmget(conv_meta_key(cid), "owner", "pending")
+        if prefetch:
+            pipe.xrange(conv_events_key(cid), min=entry_id(latest + 1), max="+", count=PREFETCH)
 
-    # The key's record and the conversation's owner in one round trip, checked in that order.
+    # The key's record, the conversation's owner (and what is stored) in one round trip, checked in that order.
     caller, replies = authenticate_with(reads)
     if (_owner(replies[0]) if known else None) != caller.user_id:
         raise NotFound("no such conversation")
@@ -106,20 +126,28 @@ def stream_events(cid: str) -> Response:
         "providers_set": providers,
     })
     sock = request.environ.get("gunicorn.socket")
+    # The stream resumes after the last event it has sent: the client's id, or the last one read above.
+    resume = latest
+    page = _stored(replies[1]) if prefetch else []
+    if page:
+        opening += stream.page_frames(latest, page)
+        resume = page[-1][0]
     if hub.closing:
         # This worker is exiting, yet got the request (a kept-alive connection it still holds):
         # a 503 would close a browser's EventSource for good, so answer with what is stored and
         # end; it reconnects (on a new connection, which a live worker answers).
-        sub = Subscriber(cid, caller.user_id, caller.key_id, "", latest, sock)
+        sub = Subscriber(cid, caller.user_id, caller.key_id, "", resume, sock)
         return Response(stream.stored_then_end(store, sub, opening), headers=STREAM_HEADERS)
     _acquire_slot(store, caller.user_id, connection_id)
     sub = Subscriber(cid, caller.user_id, caller.key_id, connection_id if config["SSE_MAX_STREAMS_PER_USER"] else "",
-                     latest, sock, chunked=_chunked_plain_http(request.environ, sock))
+                     resume, sock, chunked=_chunked_plain_http(request.environ, sock))
     try:
         hub.subscribe(sub)  # on failure it has forgotten the stream and given its slot back
     except HubUnavailable as err:
         if hub.closing:  # began to exit while the slot was taken
             return Response(stream.stored_then_end(store, sub, opening), headers=STREAM_HEADERS)
         raise ServiceUnavailable(str(err), headers={"Retry-After": "1"}) from None
-    body = stream.stream(hub, store, sub, opening, config["SSE_HEARTBEAT_SECONDS"])
+    # A full page may have more behind it: then the store is read on from its last event.
+    caught_up = prefetch and len(replies[1]) < PREFETCH and stream.gapless(hub, conv, resume)
+    body = stream.stream(hub, store, sub, opening, config["SSE_HEARTBEAT_SECONDS"], caught_up=caught_up)
     return Response(body, headers=STREAM_HEADERS)
