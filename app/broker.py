@@ -71,6 +71,11 @@ class Listener:
         """Whether every wanted channel is subscribed on a live connection."""
         return self.connected and self.sent == self.wanted and not self.unconfirmed
 
+    @property
+    def serving(self) -> bool:
+        """Whether announcements can reach this worker now (its connection is up)."""
+        return self.connected
+
     def alive(self) -> bool:
         """Whether both loops run."""
         return not any(g.dead for g in self._greenlets)

@@ -60,6 +60,11 @@ class ClusterListener:
         return bool(self.shards) and all(shard.connected for shard in self.shards.values())
 
     @property
+    def serving(self) -> bool:
+        """Whether announcements reach this worker from some master (one that is down holds back only its own)."""
+        return any(shard.connected for shard in self.shards.values())
+
+    @property
     def confirmed(self) -> bool:
         """Whether every wanted channel is subscribed, on the master that owns it."""
         return self.connected and self.wanted == set(self.route) and all(

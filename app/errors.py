@@ -93,6 +93,10 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return json_response({"status": "error", "error": code, "message": message}, status, headers)
 
 
+class ConnectFailed(redis.exceptions.ConnectionError):
+    """Connecting, or the health check before a command, failed: no command of ours reached Redis."""
+
+
 # What the stream loops wait out (no connection, no answer, LOADING); redis_unavailable() covers more.
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
 
@@ -117,6 +121,8 @@ _CLASS_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (redis.exceptions.MasterDownError, "MASTERDOWN"),
     (redis.exceptions.ClusterDownError, "CLUSTERDOWN"),
     (redis.exceptions.TryAgainError, "TRYAGAIN"),
+    # The cluster client's own, after redirections (TRYAGAIN, MOVED) that went on too long.
+    (redis.exceptions.ClusterError, "TRYAGAIN"),
     (redis.exceptions.OutOfMemoryError, "OOM"),
     (redis.exceptions.ReadOnlyError, "READONLY"),
 )

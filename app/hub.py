@@ -131,7 +131,7 @@ class Hub:
 
     def reading(self) -> bool:
         """Whether the hub receives announcements: its loops run and its pub/sub connection is up."""
-        return self.listener.alive() and self.listener.connected and not any(g.dead for g in self._greenlets)
+        return self.listener.alive() and self.listener.serving and not any(g.dead for g in self._greenlets)
 
     def subscribe(self, sub: Subscriber) -> None:
         """Register a stream, and return once its conversation's announcements reach this hub.
@@ -283,22 +283,28 @@ class Hub:
         return items
 
     def _resync_loop(self) -> None:
-        # After a pub/sub reconnect, announcements made while it was down are lost: once the
-        # channels are subscribed again, read them from the streams (the truth). Retried until it
-        # succeeds (Redis may still be loading): a quiet conversation has no later event to
-        # reveal the gap.
+        # After a pub/sub reconnect, announcements made while it was down are lost: once a
+        # conversation's channel is subscribed again, read them from its stream (the truth). Retried
+        # until it succeeds (Redis may still be loading): a quiet conversation has no later event to
+        # reveal the gap. On a Cluster, conversations whose master is back are read without waiting
+        # for those whose master is still down.
         self._resync.wait()
         self._resync.clear()
         backoff = 0.05
+        pending = {id(c): c for c in self.conversations.values() if c.subscribers}
         while True:
-            convs = [c for c in self.conversations.values() if c.subscribers]
-            if not all(self.listener.is_subscribed(c.channel) for c in convs):
+            pending = {k: c for k, c in pending.items() if c.subscribers and self.conversations.get(c.cid) is c}
+            ready = [c for c in pending.values() if self.listener.is_subscribed(c.channel)]
+            if not ready and pending:
                 gevent.sleep(0.05)
                 continue
             try:
-                self._resync_once(convs)
-                self._check_once(conversations=True)
-                return
+                self._resync_once(ready)
+                for conv in ready:
+                    pending.pop(id(conv), None)
+                if not pending:
+                    self._check_once(conversations=True)
+                    return
             except redis.RedisError as err:
                 log.warning("hub: reading what pub/sub missed failed (%s); again in %.2fs", type(err).__name__,
                             backoff)

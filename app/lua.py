@@ -43,7 +43,11 @@ if field ~= '' then
   redis.call('EXPIREAT', KEYS[3], expiry)
   redis.call('EXPIREAT', KEYS[4], expiry)
 end
-if ARGV[7] ~= '' then redis.call(ARGV[7], KEYS[5], data) end
+-- A master older than 7 (a Cluster mid-upgrade) has no SPUBLISH: PUBLISH reaches every node there.
+-- Failing here would leave the event stored and its post answered 500.
+local publish = ARGV[7]
+if publish == 'SPUBLISH' and not redis.REDIS_VERSION then publish = 'PUBLISH' end
+if publish ~= '' then redis.call(publish, KEYS[5], data) end
 return {n}
 """
 
@@ -89,7 +93,9 @@ local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner or owner ~= ARGV[1] then return 0 end
 local channel = table.remove(KEYS)
 redis.call('UNLINK', unpack(KEYS))  -- a long stream is freed in the background
-redis.call(ARGV[2], channel, ARGV[3])
+local publish = ARGV[2]
+if publish == 'SPUBLISH' and not redis.REDIS_VERSION then publish = 'PUBLISH' end  -- as in APPEND_LUA
+redis.call(publish, channel, ARGV[3])
 return 1
 """
 

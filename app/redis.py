@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -19,17 +18,15 @@ import redis.cluster
 import redis.sentinel
 from flask import Flask, current_app
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.commands.core import Script
-from redis.connection import AbstractConnection, Encoder, parse_url
+from redis.connection import AbstractConnection, parse_url
 from redis.retry import Retry
+
+from .cluster import Client, ClusterClient, LazyCluster, is_cluster
+from .errors import ConnectFailed
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # -> the scheme of each node
-
-
-class ConnectFailed(redis.exceptions.ConnectionError):
-    """Connecting, or the health check before a command, failed: no command of ours reached Redis."""
 
 
 class _RetryOnlyBeforeSending:
@@ -175,72 +172,6 @@ class BlockingSentinelConnectionPool(redis.sentinel.SentinelConnectionPool, redi
     """A pool of the Sentinel-named master's connections that waits (bounded) for a free one."""
 
 
-def _before_sending(call: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return call(*args, **kwargs)
-    except redis.exceptions.RedisClusterException as err:
-        # Not a RedisError in redis-py, yet raised before anything is sent (no node answers to
-        # learn the slot map from, a slot no node serves): as unavailable as a failed connect.
-        raise ConnectFailed(f"Redis Cluster: {err}") from err
-
-
-class _Cluster(redis.cluster.RedisCluster):
-    """The cluster client, whose own errors are ConnectFailed (a RedisError): callers answer 503, not 500."""
-
-    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        return _before_sending(super().execute_command, *args, **kwargs)
-
-    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
-        pipe = super().pipeline(*args, **kwargs)
-        execute = pipe.execute
-        pipe.execute = lambda *a, **k: _before_sending(execute, *a, **k)
-        return pipe
-
-
-class LazyCluster:
-    """A Cluster client made on first use, as a pool connects on first use.
-
-    redis-py's client asks a node for the slot map and the command table as it is made: made
-    eagerly, a worker could not start while the Cluster is unreachable. Until it answers, each
-    use raises ConnectFailed (a 503), and the next use tries again.
-    """
-
-    def __init__(self, build: Callable[[], redis.cluster.RedisCluster]):
-        self._build = build
-        self._client: redis.cluster.RedisCluster | None = None
-
-    @property
-    def client(self) -> redis.cluster.RedisCluster:
-        """The cluster client, made now if it is not yet."""
-        if self._client is None:
-            # No lock (it would be a real one if made before gevent patches): two greenlets that
-            # race here make two clients, and the spare one is closed when it is collected.
-            client = _before_sending(self._build)
-            if self._client is None:
-                self._client = client
-        return self._client
-
-    @property
-    def built(self) -> bool:
-        """Whether the client was made (connections may be open)."""
-        return self._client is not None
-
-    @staticmethod
-    def get_encoder() -> Encoder:
-        """The encoder of the scripts registered on this client (redis-py's defaults)."""
-        return Encoder("utf-8", "strict", False)
-
-    def register_script(self, script: str) -> Script:
-        """A script run on this client, registered without connecting."""
-        return Script(self, script)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.client, name)
-
-
-Client = redis.Redis | redis.cluster.RedisCluster | LazyCluster
 
 
 def _pool(url: str, *, size: int, timeout: float, role: str, socket_timeout: float | None, safe: bool,
@@ -275,7 +206,7 @@ def _cluster_client(target: ClusterUrl, *, size: int, timeout: float, role: str,
     options.update(client_name=connection_name(role), max_connections=size, timeout=timeout,
                    socket_timeout=socket_timeout, socket_connect_timeout=min(timeout, 2.0),
                    health_check_interval=health_check_interval)
-    return LazyCluster(lambda: _Cluster(
+    return LazyCluster(lambda: ClusterClient(
         # A url makes redis-py build every node's pool with connection_pool_class and our connection class.
         url=f"redis://{first[0]}:{first[1]}", startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in rest],
         retry=Retry(NoBackoff(), 0), connection_pool_class=redis.BlockingConnectionPool,
@@ -316,18 +247,14 @@ def close(client: Client) -> None:
         client.connection_pool.disconnect()
 
 
-def is_cluster(client: Any) -> bool:
-    """Whether `client` talks to a Redis Cluster."""
-    return isinstance(client, LazyCluster | redis.cluster.RedisCluster)
-
-
 def server_major(client: Client) -> int:
-    """The major version of the Redis server (any node of a Cluster: they run one version)."""
-    if is_cluster(client):
-        info = client.info("server", target_nodes=redis.cluster.RedisCluster.RANDOM)
-    else:
-        info = client.info("server")
-    return int(str(info["redis_version"]).split(".")[0])
+    """The major version of the Redis server; on a Cluster, the oldest of its masters'."""
+    if not is_cluster(client):
+        return int(str(client.info("server")["redis_version"]).split(".")[0])
+    infos = client.info("server", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+    if "redis_version" in infos:  # one master: redis-py answers its INFO itself
+        infos = {"one": infos}
+    return min(int(str(info["redis_version"]).split(".")[0]) for info in infos.values())
 
 
 def connect_once(url: str, role: str, socket_timeout: float, address: tuple[str, int] | None = None) -> Any:

@@ -12,7 +12,7 @@ from app import create_app
 from app.redis import close, make_client, server_major
 from app.store import Store, conv_channel, conv_meta_key
 
-from .conftest import Api, assert_error, bearer
+from .conftest import ON_CLUSTER, Api, assert_error, bearer
 from .failover import Follower, post_with_retries
 from .servers import free_port, wait_until
 from .sse_client import open_stream
@@ -210,3 +210,59 @@ def test_a_worker_starts_while_the_cluster_is_unreachable_and_answers_503_until_
         assert_error(app.test_client().get("/healthz"), 503, "redis_unavailable")
     finally:
         close(app.extensions["redis"])
+
+
+def test_pipelines_over_two_masters_in_opposite_orders_never_wait_on_each_other(cluster: RedisCluster3) -> None:  # noqa: F811
+    """One connection per master and pipelines that meet the masters in opposite orders: all finish, none times out."""
+    cluster.flushall()
+    tags = {}
+    for n in range(200):  # a hash tag on each of two different masters
+        tags.setdefault(cluster.master_of(f"{{t{n}}}"), f"{{t{n}}}")
+    first, second = list(tags.values())[:2]
+    client = make_client(cluster.url, 1, 2)  # one connection per master: a hold-and-wait would block
+    errors: list[BaseException] = []
+
+    def run(keys: tuple[str, str]) -> None:
+        try:
+            for i in range(200):
+                pipe = client.pipeline(transaction=False)
+                pipe.set(f"{keys[0]}a", i)
+                pipe.get(f"{keys[1]}b")
+                pipe.incr(f"{keys[1]}n")
+                pipe.execute()
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(order,)) for order in ((first, second), (second, first)) * 2]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not any(t.is_alive() for t in threads) and not errors, errors[:3]
+        # Each INCR ran once (two threads a key): nothing re-sent.
+        assert (int(client.get(f"{first}n")), int(client.get(f"{second}n"))) == (400, 400)
+    finally:
+        close(client)
+        cluster.flushall()
+
+
+def test_an_append_asked_to_spublish_on_a_redis_older_than_7_publishes_and_stores_once(redis_server, redis_client):
+    """A Cluster mid-upgrade: the script falls back to PUBLISH where SPUBLISH does not exist, instead of failing."""
+    if ON_CLUSTER or server_major(redis_client) >= 7:
+        pytest.skip("needs a single Redis older than 7 (the embedded 6.2)")
+    store = Store(make_client(redis_server.url, 2, 5))
+    store._publish = "SPUBLISH"  # what a worker decides when every master it saw ran 7
+    try:
+        cid = store.new_conversation_id()
+        store.create_conversation("ann", cid, repository=None, branch=None, title="t", initial_user_msg=None)
+        listener = redis_client.pubsub()
+        listener.subscribe(conv_channel(cid))
+        assert listener.get_message(timeout=5)["type"] == "subscribe"
+        assert store.append_event("ann", cid, {"type": "note"}, source="user") == (0, False)
+        message = listener.get_message(timeout=5)
+        assert message["type"] == "message" and message["data"].startswith(b'{"id":0,')
+        assert redis_client.xlen(f"conv:{{{cid}}}:events") == 1
+        listener.close()
+    finally:
+        close(store.redis)

@@ -280,3 +280,12 @@ def test_the_handler_answers_503_with_the_code(app, client, key, reply, code, ca
     for word in INTERNALS:
         assert word.lower() not in body["message"].lower()
     assert not any(r.exc_info for r in caplog.records)  # expected, so a warning without a traceback
+
+
+@pytest.mark.parametrize("err", [
+    redis.exceptions.ClusterError("TTL exhausted."),  # redirections (TRYAGAIN while a slot migrates) went on too long
+    redis.exceptions.TryAgainError("Multiple keys request during rehashing of slot"),
+])
+def test_a_slot_being_moved_is_redis_try_again(err):
+    code, message = errors.redis_unavailable(err)
+    assert code == "redis_try_again" and "retry" in message.lower()
