@@ -1,6 +1,7 @@
 """A 3-master Redis Cluster on loopback for the benchmark (standard library only: raw RESP over sockets)."""
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
@@ -38,6 +39,25 @@ def command(port: int, *args: object, timeout: float = 2.0) -> bytes:
         return buf
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
+def cluster_ports(count: int = 3) -> list[int]:
+    """Free ports below the ephemeral range whose cluster bus ports (+10000) are free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(10000, 22000)
+        if port not in ports and _bindable(port) and _bindable(port + 10000):
+            ports.append(port)
+    return ports
+
+
 def _bulk(reply: bytes) -> str:
     return reply.partition(b"\r\n")[2].rsplit(b"\r\n", 1)[0].decode()
 
@@ -47,6 +67,7 @@ class Cluster:
 
     def __init__(self, binary: str, logdir: Path, ports: list[int], maxclients: int = 19900):
         self.ports = ports
+        self.maxclients = maxclients
         self.procs: list[subprocess.Popen] = []
         self.logs = []
         for port in ports:

@@ -589,27 +589,27 @@ def redis_cmd(port: int, *args: str) -> bytes | None:
         return None
 
 
-def redis_clients(port: int) -> int | None:
-    """Clients in CLIENT LIST, minus the connection asking."""
-    out = redis_cmd(port, "CLIENT", "LIST")
-    if out is None:
+def redis_clients(ports: list[int]) -> int | None:
+    """Clients in CLIENT LIST, minus the connection asking (summed over a Cluster's masters)."""
+    outs = [redis_cmd(port, "CLIENT", "LIST") for port in ports]
+    if not ports or any(out is None for out in outs):
         return None
-    return max(0, out.count(b"\n") - 1)
+    return sum(max(0, out.count(b"\n") - 1) for out in outs)
 
 
-def redis_streaming_clients(port: int) -> int | None:
+def redis_streaming_clients(ports: list[int]) -> int | None:
     """Clients our server opened for streaming (CLIENT SETNAME oh-sse:<pid>:hub-*); 0 for the peers."""
-    out = redis_cmd(port, "CLIENT", "LIST")
-    if out is None:
+    outs = [redis_cmd(port, "CLIENT", "LIST") for port in ports]
+    if not ports or any(out is None for out in outs):
         return None
-    return sum(1 for line in out.split(b"\n") if b":hub-" in line)
+    return sum(1 for out in outs for line in out.split(b"\n") if b":hub-" in line)
 
 
 class Meter:
     """CPU / RSS bookkeeping of server tree, Redis and the load generator's own processes."""
 
-    def __init__(self, server_pid, redis_pid, redis_port):
-        self.spid, self.rpid, self.rport = server_pid, redis_pid, redis_port
+    def __init__(self, server_pid, redis_pids, redis_ports):
+        self.spid, self.rpids, self.rports = server_pid, redis_pids, redis_ports
         self.rss_max = 0
 
     def cpu(self, worker_pids) -> dict:
@@ -617,7 +617,7 @@ class Meter:
         lg = me + sum(tree_cpu(p) for p in worker_pids)
         m = psutil.cpu_times() if psutil else None
         busy = (sum(m) - m.idle - getattr(m, "iowait", 0.0)) if m else 0.0
-        return {"t": time.time(), "server": tree_cpu(self.spid), "redis": tree_cpu(self.rpid),
+        return {"t": time.time(), "server": tree_cpu(self.spid), "redis": sum(tree_cpu(p) for p in self.rpids),
                 "loadgen": lg, "machine": busy}
 
     def rss(self) -> int:
@@ -982,8 +982,9 @@ def parse_args(argv=None):
     p.add_argument("--storm-at", type=float, default=0.4, help="when, as fraction of posting time")
     p.add_argument("--storm-pause", type=float, default=1.0, help="seconds before resuming")
     p.add_argument("--server-pid", type=int, default=0, help="gunicorn master pid (RSS, CPU)")
-    p.add_argument("--redis-pid", type=int, default=0)
-    p.add_argument("--redis-port", type=int, default=0)
+    # Comma-separated on a Cluster (its masters); CPU and connections are summed over them.
+    p.add_argument("--redis-pid", type=lambda v: [int(x) for x in v.split(",") if int(x)], default=[])
+    p.add_argument("--redis-port", type=lambda v: [int(x) for x in v.split(",") if int(x)], default=[])
     p.add_argument("--health-url", help="GET this JSON once all streams are open (ours: /healthz)")
     p.add_argument("--max-seconds", type=float, default=180.0, help="hard cap on the whole run")
     p.add_argument("--out", help="write the JSON result here instead of stdout")

