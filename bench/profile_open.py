@@ -192,6 +192,7 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or "", help="py-spy binary; empty: CPU only")
     ap.add_argument("--out", type=Path, default=Path("/tmp/profile_open"))
+    ap.add_argument("--native", action="store_true", help="py-spy --native (C frames: the GC's own share)")
     ap.add_argument("--top", type=int, default=25, help="frames listed by self time")
     ap.add_argument("--threshold", type=float, default=1.0, help="smallest share (%%) shown in the tree")
     a = ap.parse_args()
@@ -215,8 +216,11 @@ def main() -> None:
         cids = create_conversations(port, key, a.conversations)
         raw = a.out / "open.raw"
         if a.py_spy:
+            # --native shows C frames too: the garbage collector's share is its own frame, not smeared
+            # over whatever Python frame allocated when it ran (it needs the worker paused per sample).
+            mode = ["--native"] if a.native else ["--nonblocking"]
             spy = subprocess.Popen([a.py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", str(a.rate),
-                                    "--output", str(raw), "--nonblocking"],
+                                    "--output", str(raw), *mode],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
             time.sleep(1.0)
         cpu0, t0 = cpu_seconds([server.pid, pid]), time.monotonic()
