@@ -63,6 +63,22 @@ def post_worker_init(worker):
             hub.shutdown()
 
     gevent.spawn(watch)
+    tune_gc()
+
+
+def tune_gc() -> None:
+    """Collect cycles less often: a worker holds thousands of long-lived streams.
+
+    Each open stream holds about 73 objects the collector tracks; with CPython's default
+    thresholds a full collection runs each time the heap grows by a quarter: 16 of them (3.4 s of
+    CPU, up to 550 ms each, every stream waiting) while 18,000 streams open. What is loaded by now
+    lives as long as the worker (frozen: never traversed again), and young collections run 28x
+    less often (profiled with bench/profile_open.py --native).
+    """
+    import gc
+
+    gc.freeze()
+    gc.set_threshold(20000, 10, 10)
 
 
 STREAM_PATH_PREFIX = "/api/sse/"
