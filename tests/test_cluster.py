@@ -38,6 +38,15 @@ def cluster_api(cluster: RedisCluster3, cluster_store: Store, start_server) -> t
     return server, Api(server.base, cluster_store.create_api_key("alice")[1])
 
 
+def cluster_major(topology: RedisCluster3) -> int:
+    """The Redis major version the cluster runs."""
+    client = topology.client()
+    try:
+        return server_major(client)
+    finally:
+        client.close()
+
+
 def ids_of(events) -> list[int]:
     """The ids of conversation events (named events left out)."""
     return [int(ev.id) for ev in events if ev.id is not None]
@@ -86,7 +95,7 @@ def test_two_hundred_streams_over_a_hundred_conversations_hold_a_fixed_number_of
         held = connections_by_role(cluster, pid)
         # The hub's are fixed: one pub/sub connection (per master with sharded pub/sub, else one in
         # all) and one control connection per master; the pool's are the requests' (at most 8 per master).
-        sharded = server_major(cluster.client()) >= 7
+        sharded = cluster_major(cluster) >= 7
         pubsub = sum(roles["hub-pubsub"] for roles in held.values())
         assert pubsub == (3 if sharded else 1), held
         for roles in held.values():
@@ -101,7 +110,7 @@ def test_two_hundred_streams_over_a_hundred_conversations_hold_a_fixed_number_of
 
 def test_announcements_use_sharded_pubsub_on_redis_7(cluster: RedisCluster3, cluster_api) -> None:  # noqa: F811
     server, api = cluster_api
-    if server_major(cluster.client()) < 7:
+    if cluster_major(cluster) < 7:
         pytest.skip("Redis 6.2 has no sharded pub/sub: PUBLISH is broadcast, one listener hears every channel")
     cid = api.create()
     stream = open_stream(server.port, SSE.format(cid), bearer(api.key))
@@ -266,3 +275,26 @@ def test_an_append_asked_to_spublish_on_a_redis_older_than_7_publishes_and_store
         listener.close()
     finally:
         close(store.redis)
+
+
+def test_streams_opened_while_the_hub_is_being_made_share_it(cluster: RedisCluster3, cluster_store: Store,  # noqa: F811
+                                                             start_server) -> None:
+    """The first streams arrive while the hub asks the masters' versions (made slow here): one hub, one listener."""
+    server = start_server(redis_url=cluster.url, wsgi_app="tests.wsgi_slow_hub:app", SSE_MAX_STREAMS_PER_USER="0")
+    api = Api(server.base, cluster_store.create_api_key("alice")[1])
+    cids = [api.create() for _ in range(10)]
+    streams: list = []
+    threads = [threading.Thread(target=lambda c=cid: streams.append(open_stream(server.port, SSE.format(c),
+                                                                                 bearer(api.key))))
+               for cid in cids for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(streams) == 50 and all(s.take(1)[0].event == "connection" for s in streams)
+    sharded = cluster_major(cluster) >= 7
+    held = connections_by_role(cluster, server.worker_pids()[0])
+    assert sum(roles["hub-pubsub"] for roles in held.values()) == (3 if sharded else 1), held
+    for cid in cids:
+        api.post(cid)
+    assert all(ids_of(s.take(1, timeout=10)) == [0] for s in streams)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
@@ -16,6 +17,8 @@ from ..subscriber import Subscriber
 from . import get_store
 
 bp = Blueprint("sse", __name__, url_prefix="/api/sse")
+# Made at import, in the worker after gevent patched threading (the app is never preloaded).
+_HUB_LOCK = threading.Lock()
 
 # Events read with the caller's checks (a conversation followed here already); past them the stream reads on.
 PREFETCH = 100
@@ -35,14 +38,19 @@ def get_hub() -> Hub:
     app = current_app
     hub = app.extensions.get("hub")
     if hub is None or hub.pid != os.getpid():
-        hub = app.extensions["hub"] = Hub(
-            app.config["REDIS_URL"],
-            get_store(),
-            queue_max=app.config["SSE_QUEUE_MAX"],
-            stream_cap=app.config["SSE_MAX_STREAMS_PER_USER"],
-            lease_ttl=app.config["SSE_LEASE_SECONDS"],
-            coalesce=app.config["SSE_COALESCE_MS"] / 1000,
-        )
+        # Making a hub may wait on Redis (on a Cluster it asks the masters' versions): streams
+        # arriving meanwhile must wait for that one, not make hubs of their own that nothing ends.
+        with _HUB_LOCK:
+            hub = app.extensions.get("hub")
+            if hub is None or hub.pid != os.getpid():
+                hub = app.extensions["hub"] = Hub(
+                    app.config["REDIS_URL"],
+                    get_store(),
+                    queue_max=app.config["SSE_QUEUE_MAX"],
+                    stream_cap=app.config["SSE_MAX_STREAMS_PER_USER"],
+                    lease_ttl=app.config["SSE_LEASE_SECONDS"],
+                    coalesce=app.config["SSE_COALESCE_MS"] / 1000,
+                )
     return hub
 
 
