@@ -1,8 +1,6 @@
-"""The only module that knows Redis key names: conversations, events, API keys, idempotency, leases.
+"""Conversations, events, API keys, idempotency and stream leases, over the keys of keys.py.
 
-Event ``n`` of a conversation is the stream entry ``{n+1}-0`` of ``conv:{<id>}:events``, so
-"every event after n" is one ``XRANGE``/``XREAD`` from a computed id, with no lookup. Keys carry a
-hash tag per conversation (``{<id>}``) or per user, so each script touches one slot (Redis Cluster).
+The key names are keys.py's (re-exported here for the modules that import them from the store).
 """
 from __future__ import annotations
 
@@ -19,6 +17,22 @@ import redis
 
 from .cluster import forget_slots, pipelines_per_node, run_on_key_node
 from .errors import BadRequest, Conflict, NotFound, ServiceUnavailable
+from .keys import (
+    DELETED_NOTICE,
+    api_key_key,
+    conv_channel,
+    conv_events_key,
+    conv_meta_key,
+    conversation_keys,
+    entry_id,
+    event_id_of,
+    idempotency_expiry_key,
+    idempotency_key,
+    user_conversations_key,
+    user_keys_key,
+    user_sequence_key,
+    user_streams_key,
+)
 from .lua import (
     ACQUIRE_STREAM_LUA,
     APPEND_LUA,
@@ -31,77 +45,6 @@ from .lua import (
 from .redis import Client, is_cluster, server_major
 
 KEY_PREFIX = "ohk_"
-
-
-def conv_meta_key(cid: str) -> str:
-    """Hash of a conversation's metadata (owner, title, last_event_id, ...)."""
-    return f"conv:{{{cid}}}:meta"
-
-
-def conv_events_key(cid: str) -> str:
-    """Stream of a conversation's events."""
-    return f"conv:{{{cid}}}:events"
-
-
-def idempotency_key(cid: str) -> str:
-    """Hash of the remembered answers to POSTs made with an Idempotency-Key (hashed key -> answer)."""
-    return f"conv:{{{cid}}}:idem"
-
-
-def idempotency_expiry_key(cid: str) -> str:
-    """Sorted set of when each remembered answer expires (hashed key -> unix time)."""
-    return f"conv:{{{cid}}}:idem:exp"
-
-
-def conv_channel(cid: str) -> str:
-    """Pub/sub channel on which each new event of a conversation is announced (not a key)."""
-    return f"conv:{{{cid}}}:live"
-
-
-# Announced on a conversation's channel when it is deleted: its streams end at once.
-DELETED_NOTICE = b"deleted"
-
-
-def conversation_keys(cid: str) -> list[str]:
-    """Every key that holds something of a conversation (deleting them deletes it)."""
-    return [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid), idempotency_expiry_key(cid)]
-
-
-def user_conversations_key(uid: str) -> str:
-    """Sorted set of a user's conversation ids, scored by creation sequence."""
-    return f"user:{{{uid}}}:convs"
-
-
-def user_sequence_key(uid: str) -> str:
-    """Counter that orders a user's conversations."""
-    return f"user:{{{uid}}}:seq"
-
-
-def user_keys_key(uid: str) -> str:
-    """Set of a user's API key ids."""
-    return f"user:{{{uid}}}:keys"
-
-
-def user_streams_key(uid: str) -> str:
-    """Sorted set of a user's open streams (connection id -> lease expiry), for the cap."""
-    return f"user:{{{uid}}}:streams"
-
-
-def api_key_key(key_id: str) -> str:
-    """Hash of one API key: user, SHA-256 of the secret, created_at, revoked_at."""
-    return f"apikey:{{{key_id}}}"
-
-
-def entry_id(event_id: int) -> str:
-    """Stream entry id of event `event_id`; also the exclusive XREAD start for 'after event_id'."""
-    return f"{event_id + 1}-0"
-
-
-def event_id_of(entry: bytes | str) -> int:
-    """Event id of a stream entry id."""
-    if isinstance(entry, str):
-        entry = entry.encode()
-    return int(entry.split(b"-", 1)[0]) - 1
 
 
 def now_iso() -> str:
