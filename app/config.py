@@ -113,6 +113,30 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         str(SECRET_KEY_FILE), _str, "where the cookie secret is kept when SECRET_KEY is empty (made if missing)",
     ),
     "SESSION_MAX_AGE_SECONDS": ("604800", _int(60), "lifetime of the session cookie"),
+    "AGENT": (
+        "auto", _str, "the agent that answers: echo, readme, llm, auto (readme for conversations with a repository, "
+        "echo for the others) or module:Class",
+    ),
+    "AGENT_WORKERS": ("1", _int(0, 64), "agent worker processes the run command starts beside gunicorn; 0: none"),
+    "AGENT_CONCURRENCY": ("32", _int(1, 10_000), "conversations one agent worker answers at once"),
+    "AGENT_SHARDS": (
+        "8", _int(1, 1024), "work queue shards (agent:work:{n}); the same on every API host and agent worker",
+    ),
+    "AGENT_CLAIM_IDLE_SECONDS": (
+        "15", _float(0.5), "a dead worker's conversation is taken over after this long (its lease and work entry)",
+    ),
+    "AGENT_STEP_TIMEOUT_SECONDS": ("300", _float(0.1), "longest an agent may take for one event before its run errs"),
+    "AGENT_HISTORY_EVENTS": ("500", _int(1, 100_000), "newest events of the conversation handed to the agent"),
+    "AGENT_WORKSPACE": (
+        str(PROJECT_ROOT / "var" / "workspace"), _str, "readme agent: where repositories are (<workspace>/owner/name)",
+    ),
+    "AGENT_GIT_BASE_URL": (
+        "", _str, "readme agent: a missing repository is cloned from <base>/owner/name (git); empty: never clone",
+    ),
+    "AGENT_LLM_BASE_URL": ("", _str, "llm agent: an OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1"),
+    "AGENT_LLM_MODEL": ("", _str, "llm agent: the model name sent to that server"),
+    "AGENT_LLM_API_KEY": ("", _str, "llm agent: its API key (sent as a Bearer token; never logged)"),
+    "AGENT_LLM_TIMEOUT_SECONDS": ("60", _float(1), "llm agent: connect and read timeout of each request"),
 }
 
 

@@ -209,6 +209,7 @@ class Store:
             "title": _text(meta.get(b"title")),
             "created_at": _text(meta.get(b"created_at")),
             "last_event_id": int(meta.get(b"last_event_id", b"-1")),
+            "agent_state": _text(meta.get(b"agent_state")),
         }
 
     def list_conversations(self, owner: str, limit: int, before: int | None) -> tuple[list[dict], int | None]:
