@@ -1,0 +1,1 @@
+"""The agent runtime (consumer groups over the work shards) and the built-in agents."""
