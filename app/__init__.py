@@ -30,6 +30,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         idempotency_ttl=app.config["IDEMPOTENCY_TTL_SECONDS"],
         min_replicas=app.config["REDIS_MIN_REPLICAS_ACK"],
         replicas_timeout_ms=app.config["REDIS_REPLICAS_ACK_TIMEOUT_MS"],
+        agent_shards=app.config["AGENT_SHARDS"],
     )
     errors.init_app(app)
     auth.init_app(app)

@@ -1,10 +1,13 @@
 """The Lua scripts of store.py: each one round trip, each touching one Cluster slot (KEYS by position)."""
 
 # One round trip per append: ownership, idempotency, id, event, retention and the answer record.
-# KEYS: meta, events, idempotency answers, their expiry, the conversation's channel. ARGV: owner
-# ('' skips the check), event JSON without its opening '{' and without "id", retention (0: keep
-# all), hashed Idempotency-Key ('' for none), its TTL, body digest, the publish command (PUBLISH,
-# or SPUBLISH on a Redis 7 Cluster; '' when the caller announces it itself, once replicated). The
+# KEYS: meta, events, idempotency answers, their expiry, the conversation's channel, its agent
+# inbox, and (not on a Cluster: another slot) the agent work shard. ARGV: owner ('' skips the
+# check), event JSON without its opening '{' and without "id", retention (0: keep all), hashed
+# Idempotency-Key ('' for none), its TTL, body digest, the publish command (PUBLISH, or SPUBLISH on
+# a Redis 7 Cluster; '' when the caller announces it itself, once replicated), what it is to the
+# agents ('message': queued for an answer and the work shard told, in the same step; 'stop': ends
+# the run going, if one is; ''), the conversation id. The
 # event is announced in the same step as it is stored, so every hub following the conversation
 # hears of it; a hub that missed it reads the stream. A retry of the same call after a lost
 # reply is answered from the record, so only an append made without a key can be stored twice,
@@ -48,10 +51,18 @@ end
 local publish = ARGV[7]
 if publish == 'SPUBLISH' and not redis.REDIS_VERSION then publish = 'PUBLISH' end
 if publish ~= '' then redis.call(publish, KEYS[5], data) end
+if ARGV[8] == 'message' then
+  redis.call('RPUSH', KEYS[6], id)
+  redis.call('HDEL', KEYS[1], 'agent_paused')  -- a stopped conversation answers again, queue first
+  if KEYS[7] then redis.call('XADD', KEYS[7], '*', 'c', ARGV[9]) end
+elseif ARGV[8] == 'stop' and redis.call('LLEN', KEYS[6]) > 0
+    and redis.call('HEXISTS', KEYS[1], 'agent_paused') == 0 then
+  redis.call('HSET', KEYS[1], 'agent_stop', id)  -- the worker that runs it sees this within its heartbeat
+end
 return {n}
 """
 
-# Step 1 of a create. KEYS: meta, events. ARGV: pending TTL, event 0 JSON tail ('' for none), then
+# Step 1 of a create. KEYS: meta, events, agent inbox. ARGV: pending TTL, event 0 JSON tail ('' for none), then
 # the metadata as field, value pairs. Re-run after a lost reply, it finds its own work and stops
 # (ids are 192 random bits: no one else makes this conversation).
 CREATE_LUA = """
@@ -62,6 +73,9 @@ if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[1], 'last_event_id', 0)
   redis.call('XADD', KEYS[2], '1-0', 'e', '{"id":0,' .. ARGV[2])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+  redis.call('DEL', KEYS[3])
+  redis.call('RPUSH', KEYS[3], '0')  -- event 0 is a user message: the agents answer it
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[1]))
 end
 return 1
 """
@@ -76,13 +90,16 @@ redis.call('ZADD', KEYS[2], seq, ARGV[1])
 return seq
 """
 
-# Step 3: the conversation becomes visible and permanent. KEYS: meta, events. ARGV: owner.
-# 0 if it expired meanwhile (the create took longer than its pending TTL). Idempotent.
+# Step 3: the conversation becomes visible and permanent. KEYS: meta, events, agent inbox, and (not
+# on a Cluster) the agent work shard. ARGV: owner, conversation id. 0 if it expired meanwhile (the
+# create took longer than its pending TTL). Idempotent (a re-sent commit tells the agents twice,
+# which answers nothing twice).
 COMMIT_LUA = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HDEL', KEYS[1], 'pending')
 redis.call('PERSIST', KEYS[1])
 redis.call('PERSIST', KEYS[2])
+if redis.call('PERSIST', KEYS[3]) == 1 and KEYS[4] then redis.call('XADD', KEYS[4], '*', 'c', ARGV[2]) end
 return 1
 """
 

@@ -5,6 +5,7 @@ The key names are keys.py's (re-exported here for the modules that import them f
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import secrets
 import time
@@ -19,9 +20,12 @@ from .cluster import forget_slots, pipelines_per_node, run_on_key_node
 from .errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from .keys import (
     DELETED_NOTICE,
+    agent_shard,
+    agent_work_key,
     api_key_key,
     conv_channel,
     conv_events_key,
+    conv_inbox_key,
     conv_meta_key,
     conversation_keys,
     entry_id,
@@ -43,6 +47,8 @@ from .lua import (
     RENEW_STREAMS_LUA,
 )
 from .redis import Client, is_cluster, server_major
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "ohk_"
 
@@ -99,8 +105,11 @@ class Store:
     """Conversations, events, API keys and stream leases, on one Redis client."""
 
     def __init__(self, client: Client, *, retention: int = 0, idempotency_ttl: int = 86400,
-                 min_replicas: int = 0, replicas_timeout_ms: int = 1000):
+                 min_replicas: int = 0, replicas_timeout_ms: int = 1000, agent_shards: int = 8):
         self.redis = client
+        self.agent_shards = agent_shards
+        # On a Cluster the work shard is in another slot than the conversation: it is told after.
+        self.cluster = is_cluster(client)
         self.min_replicas = min_replicas
         self.replicas_timeout_ms = replicas_timeout_ms
         self._publish: str | None = None if is_cluster(client) else "PUBLISH"
@@ -145,12 +154,13 @@ class Store:
             meta += ["selected_branch", branch]
         first = self._event_json({"type": "user_message", "content": initial_user_msg}, "user") if initial_user_msg \
             else b"{"
-        keys = [conv_meta_key(cid), conv_events_key(cid)]
+        keys = [conv_meta_key(cid), conv_events_key(cid), conv_inbox_key(cid)]
         index = [user_sequence_key(owner), user_conversations_key(owner)]
         resend_idempotent(lambda: self._create(keys=keys, args=[CREATE_PENDING_TTL, first[1:], *meta]))
         resend_idempotent(lambda: self._index(keys=index, args=[cid]))
+        commit_keys = keys if self.cluster else [*keys, agent_work_key(agent_shard(cid, self.agent_shards))]
         try:
-            committed = resend_idempotent(lambda: self._acked(self._commit, keys, [owner]))
+            committed = resend_idempotent(lambda: self._acked(self._commit, commit_keys, [owner, cid]))
         except MAYBE_RAN:
             # The client is answered 503 and never learns this id: undo, so that its retry does not
             # make a second conversation (if this fails too, an uncommitted one expires by itself).
@@ -163,6 +173,22 @@ class Store:
             self.redis.zrem(user_conversations_key(owner), cid)
             raise ServiceUnavailable("the conversation could not be created in time; retry",
                                      code="redis_unavailable", headers={"Retry-After": "1"})
+        if initial_user_msg and self.cluster:
+            self.tell_agents(cid)
+
+    def tell_agents(self, cid: str) -> None:
+        """Add an entry to the conversation's agent work shard: some worker looks at what it has queued.
+
+        An extra entry answers nothing twice (the worker finds nothing queued, or the run going), so
+        it is re-sent after a lost reply. Only needed on a Cluster: elsewhere the scripts add it.
+        """
+        try:
+            resend_idempotent(lambda: self.redis.xadd(agent_work_key(agent_shard(cid, self.agent_shards)), {"c": cid}))
+        except redis.RedisError as err:
+            # The message is stored and queued in its conversation: the next one posted there brings
+            # the agents to both. Failing the post would make a client without an Idempotency-Key
+            # post it twice.
+            log.warning("could not tell the agents about conversation %s (%s)", cid, type(err).__name__)
 
     @staticmethod
     def _visible(meta: dict[bytes, bytes], owner: str) -> bool:
@@ -269,21 +295,25 @@ class Store:
         *,
         source: str,
         idempotency: tuple[str, str] | None = None,
+        agent_kind: str = "",
     ) -> tuple[int, bool]:
         """Append an event atomically; return (event id, whether it is a replayed answer).
 
-        `owner` None skips the ownership check (the agent runtime writes to any conversation).
-        `idempotency` is (hashed Idempotency-Key, digest of the body).
+        `owner` None skips the ownership check. `idempotency` is (hashed Idempotency-Key, digest of
+        the body). `agent_kind`: 'message' queues it for an agent's answer, 'stop' ends the run going.
         """
         _require_id(cid)
         idem_key, digest = idempotency if idempotency else ("", "")
         keys = [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid), idempotency_expiry_key(cid),
-                conv_channel(cid)]
+                conv_channel(cid), conv_inbox_key(cid)]
+        if not self.cluster:
+            keys.append(agent_work_key(agent_shard(cid, self.agent_shards)))
         body = self._event_json(fields, source)
         # With REDIS_MIN_REPLICAS_ACK the event is announced only once replicated (below): a stream
         # must never show an event that a failover then loses, whose id a later event would reuse.
         announce_here = "" if self.min_replicas else self.publish
-        args = [owner or "", body[1:], self.retention, idem_key, self.idempotency_ttl, digest, announce_here]
+        args = [owner or "", body[1:], self.retention, idem_key, self.idempotency_ttl, digest, announce_here,
+                agent_kind, cid]
         # With an Idempotency-Key the append is answered from its record when it ran already, so a
         # lost reply is resent; without one it may run twice: the caller gets its 503 instead.
         append = lambda: self._acked(self._append, keys, args)  # noqa: E731
@@ -296,10 +326,14 @@ class Store:
                 raise Conflict("this Idempotency-Key was already used for another request body")
             if self.min_replicas:  # its first answer may have been a 503 that announced nothing
                 self.redis.execute_command(self.publish, conv_channel(cid), b"#%d" % int(prev_id))
+            if agent_kind == "message" and self.cluster:  # the first attempt may have died before telling
+                self.tell_agents(cid)
             return int(prev_id), True
         if self.min_replicas:
             event_id = int(result[0])
             self.redis.execute_command(self.publish, conv_channel(cid), b'{"id":%d,%s' % (event_id, body[1:]))
+        if agent_kind == "message" and self.cluster:
+            self.tell_agents(cid)
         return int(result[0]), False
 
     def list_events(self, owner: str, cid: str, start_id: int, limit: int) -> tuple[list[bytes], bool]:

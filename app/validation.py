@@ -165,3 +165,16 @@ def idempotency_key(raw: str | None) -> str | None:
 def body_digest(body: bytes) -> str:
     """A digest of a request body, to tell a retry from a different request under the same key."""
     return hashlib.sha256(body).hexdigest()[:32]
+
+
+def agent_kind(fields: dict[str, Any]) -> str:
+    """What a posted action is to the agents: 'message' (answered), 'stop' (ends the run going) or ''."""
+    if fields.get("type") == "user_message" or fields.get("action") == "message":
+        return "message"
+    if fields.get("type") == "stop" or fields.get("action") == "stop":
+        return "stop"
+    # OpenHands' own stop button posts this.
+    args = fields.get("args")
+    if fields.get("action") == "change_agent_state" and isinstance(args, dict) and args.get("agent_state") == "stopped":
+        return "stop"
+    return ""

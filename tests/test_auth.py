@@ -351,6 +351,8 @@ def all_redis_bytes(redis_client) -> bytes:
             out += list(redis_client.smembers(name))
         elif kind == b"zset":
             out += [m for m, _ in redis_client.zrange(name, 0, -1, withscores=True)]
+        elif kind == b"list":
+            out += list(redis_client.lrange(name, 0, -1))
         elif kind == b"stream":
             for _id, fields in redis_client.xrange(name):
                 for k, v in fields.items():

@@ -9,7 +9,7 @@ import pytest
 
 from .conftest import assert_error, bearer, create
 
-FIELDS = {"conversation_id", "repository", "selected_branch", "title", "created_at", "last_event_id"}
+FIELDS = {"conversation_id", "repository", "selected_branch", "title", "created_at", "last_event_id", "agent_state"}
 
 
 def get(client, key: str, cid: str) -> dict:
@@ -84,6 +84,7 @@ def test_get_returns_exactly_the_documented_fields(client, key):
     assert conversation["repository"] == "octo-org/hello.world"
     assert conversation["selected_branch"] == "feature/x-1"
     assert conversation["last_event_id"] == -1
+    assert conversation["agent_state"] is None  # no agent ran yet
     assert isinstance(conversation["title"], str) and conversation["title"]
     created = datetime.fromisoformat(conversation["created_at"])
     assert created.utcoffset() == timedelta(0)

@@ -5,7 +5,14 @@ import pytest
 
 from app import create_app
 from app.redis import close
-from app.store import CREATE_PENDING_TTL, conv_events_key, conv_meta_key, user_conversations_key, user_sequence_key
+from app.store import (
+    CREATE_PENDING_TTL,
+    conv_events_key,
+    conv_inbox_key,
+    conv_meta_key,
+    user_conversations_key,
+    user_sequence_key,
+)
 
 from .conftest import assert_error, bearer, create
 from .servers import wait_until
@@ -23,7 +30,8 @@ def test_delete_leaves_no_key_of_the_conversation(client, key, redis_client):
         response = client.post(f"/api/conversations/{cid}/events", headers=headers,
                                json={"type": "user_message", "content": f"m{n}"})
         assert response.status_code == 200
-    assert len(keys_of(redis_client, cid)) == 4  # meta, events, the remembered answers and their expiry
+    # meta, events, the remembered answers and their expiry, the agent inbox (no agent runs here)
+    assert len(keys_of(redis_client, cid)) == 5
     assert client.delete(f"/api/conversations/{cid}", headers=bearer(key)).status_code == 200
     assert keys_of(redis_client, cid) == []
     assert redis_client.zscore(user_conversations_key("alice"), cid) is None
@@ -48,7 +56,8 @@ def test_remembered_answers_expire_with_their_ttl_and_take_their_keys_along(shor
     assert post() == 0 and post() == 0  # remembered
     assert 0 < redis_client.pttl(f"conv:{{{cid}}}:idem") <= 1000  # it expires on a whole second: 0 to 1 s
     # Once it expired the key is a new request, and an idle conversation keeps no record at all.
-    wait_until(lambda: len(keys_of(redis_client, cid)) == 2, 5, what="the records to expire")
+    # (meta, events and the agent inbox stay; no agent runs here to answer the message)
+    wait_until(lambda: len(keys_of(redis_client, cid)) == 3, 5, what="the records to expire")
     assert post() == 1
 
 
@@ -56,7 +65,7 @@ def test_a_create_cut_off_before_its_commit_is_invisible_and_expires(app, client
     store = app.extensions["store"]
     cid = store.new_conversation_id()
     first = store._event_json({"type": "user_message", "content": "lost"}, "user")
-    keys = [conv_meta_key(cid), conv_events_key(cid)]
+    keys = [conv_meta_key(cid), conv_events_key(cid), conv_inbox_key(cid)]
     # Steps 1 and 2 of a create ran; the process died before step 3.
     store._create(keys=keys, args=[CREATE_PENDING_TTL, first[1:], "owner", "alice", "title", "t",
                                    "created_at", "now", "last_event_id", -1])

@@ -22,7 +22,7 @@ def post_event(cid: str) -> Response:
     fields = validation.action(body)
     event_id, _replayed = get_store().append_event(
         caller.user_id, cid, fields, source="user",
-        idempotency=(idem, validation.body_digest(raw)) if idem else None,
+        idempotency=(idem, validation.body_digest(raw)) if idem else None, agent_kind=validation.agent_kind(fields),
     )
     return Response(b'{"status":"ok","success":true,"event_id":%d}' % event_id, mimetype="application/json")
 

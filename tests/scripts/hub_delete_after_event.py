@@ -15,7 +15,8 @@ r, store, cid, sub = kit.redis, kit.store, kit.cid, kit.sub
 pipe = r.pipeline(transaction=True)  # both in one MULTI: both announcements arrive in one read
 body = store._event_json({"type": "x", "n": 1}, "agent")
 keys = [*conversation_keys(cid), conv_channel(cid)]
-store._append(keys=keys, args=["u1", body[1:], 0, "", 86400, "", "PUBLISH"], client=pipe)
+append_keys = [*conversation_keys(cid)[:4], conv_channel(cid)]  # the append script's KEYS, by position
+store._append(keys=append_keys, args=["u1", body[1:], 0, "", 86400, "", "PUBLISH", "", cid], client=pipe)
 store._delete(keys=keys, args=["u1", "PUBLISH", DELETED_NOTICE], client=pipe)
 answers = pipe.execute()
 kit.reader.join(timeout=5)
