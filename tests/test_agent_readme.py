@@ -263,7 +263,11 @@ def test_a_missing_repository_is_cloned(tmp_path: Path, remote: Path, form: str)
                           {"type": "observation", "observation": "clone", "content": "cloned octo/cat"}]
     assert findings(events) == ["line 3: link `docs/cat.md` points to a file that does not exist"]
     assert (workspace / "octo" / "cat" / "README.md").is_file() and not leftovers(workspace)
-    assert run(workspace, "octo/cat", AGENT_GIT_BASE_URL=base)[0]["action"] == "read"  # cloned once
+    again = run(workspace, "octo/cat", AGENT_GIT_BASE_URL=base)
+    assert again[1] == {"type": "observation", "observation": "clone",
+                        "content": "octo/cat is already in the workspace: not cloned again"}
+    assert [e.get("action") for e in again] == [e.get("action") for e in events]  # the same steps
+    assert again[2:] == events[2:]
 
 
 def test_the_selected_branch_is_cloned(tmp_path: Path, remote: Path) -> None:

@@ -202,24 +202,29 @@ class ReadmeAgent(Agent):
         if not inside(workspace, os.path.realpath(dest)):
             yield message(f"The folder of {repository} leads outside the agent workspace; I will not read it.")
             return
-        if not os.path.lexists(dest):
-            base = self.settings.get("AGENT_GIT_BASE_URL") or ""
-            if not base:
-                yield message(f"I could not find the repository {repository}: there is no folder {repository} in "
-                              "the agent workspace (AGENT_WORKSPACE), and cloning is off (AGENT_GIT_BASE_URL is "
-                              "empty).")
-                return
+        base = self.settings.get("AGENT_GIT_BASE_URL") or ""
+        if not base and not os.path.lexists(dest):
+            yield message(f"I could not find the repository {repository}: there is no folder {repository} in "
+                          "the agent workspace (AGENT_WORKSPACE), and cloning is off (AGENT_GIT_BASE_URL is empty).")
+            return
+        if base:
+            # the clone step is there whenever cloning is on, cloned or not: a run cut off after the clone and
+            # run again has the same steps at the same positions (the runtime skips the ones already written)
             branch = conversation.selected_branch
+            on = f" (branch {branch})" if branch else ""
             yield {"type": "agent_action", "action": "clone",
                    "args": {"repository": repository, **({"branch": branch} if branch else {})}}
-            timeout = float(self.settings.get("AGENT_GIT_TIMEOUT_SECONDS") or GIT_TIMEOUT_SECONDS)
-            failure = git_clone(base, repository, branch, dest, timeout)
-            on = f" (branch {branch})" if branch else ""
-            yield {"type": "observation", "observation": "clone",
-                   "content": f"git clone failed: {failure}" if failure else f"cloned {repository}{on}"}
-            if failure:
-                yield message(f"I could not clone {repository}{on}: {failure.rstrip('.')}.")
-                return
+            if os.path.lexists(dest):
+                yield {"type": "observation", "observation": "clone",
+                       "content": f"{repository} is already in the workspace: not cloned again"}
+            else:
+                timeout = float(self.settings.get("AGENT_GIT_TIMEOUT_SECONDS") or GIT_TIMEOUT_SECONDS)
+                failure = git_clone(base, repository, branch, dest, timeout)
+                yield {"type": "observation", "observation": "clone",
+                       "content": f"git clone failed: {failure}" if failure else f"cloned {repository}{on}"}
+                if failure:
+                    yield message(f"I could not clone {repository}{on}: {failure.rstrip('.')}.")
+                    return
         root = os.path.realpath(dest)
         if not inside(workspace, root) or not os.path.isdir(root):
             yield message(f"{repository} in the agent workspace is not a folder I can read.")
