@@ -133,6 +133,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "AGENT_GIT_BASE_URL": (
         "", _str, "readme agent: a missing repository is cloned from <base>/owner/name (git); empty: never clone",
     ),
+    "AGENT_GIT_TIMEOUT_SECONDS": ("120", _float(1), "readme agent: longest a git clone may take before it is killed"),
     "AGENT_LLM_BASE_URL": ("", _str, "llm agent: an OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1"),
     "AGENT_LLM_MODEL": ("", _str, "llm agent: the model name sent to that server"),
     "AGENT_LLM_API_KEY": ("", _str, "llm agent: its API key (sent as a Bearer token; never logged)"),

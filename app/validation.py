@@ -114,7 +114,9 @@ def conversation_fields(body: dict[str, Any]) -> tuple[str | None, str | None, s
     """(initial_user_msg, repository, selected_branch) of a create request, checked."""
     message = _optional_str(body, "initial_user_msg")
     repository = _optional_str(body, "repository") or None
-    if repository is not None and not REPOSITORY.fullmatch(repository):
+    # `.` and `..` match the pattern, and would name folders outside the agents' workspace.
+    if repository is not None and (not REPOSITORY.fullmatch(repository)
+                                   or any(part in (".", "..") for part in repository.split("/"))):
         raise BadRequest("repository must look like 'owner/name'")
     branch = _optional_str(body, "selected_branch") or None
     if branch is not None and (len(branch) > MAX_BRANCH or any(ord(c) < 32 for c in branch)):

@@ -199,6 +199,7 @@ def test_conversation_fields_ignores_unknown_fields():
 
 @pytest.mark.parametrize("repository", [
     "nope", "a/b/c", "/name", "owner/", "own er/name", "owner/na me", "owner/name\n", "ö/x", "a" * 101 + "/b",
+    "../x", "a/..", "./a", "owner/.",
 ])
 def test_conversation_fields_rejects_bad_repositories(repository):
     err = bad_request(validation.conversation_fields, {"repository": repository})

@@ -1,0 +1,216 @@
+"""The Redis side of agent runs: the work shards (consumer groups) and the run scripts of scripts/.
+
+Every write of a run goes through a script that checks the run's lease (a token per worker and
+conversation) and the step it writes, so a worker that lost its lease writes nothing more and a
+step is stored once however often it is sent: after a lost reply a write is simply sent again.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from ..cluster import pipelines_per_node
+from ..keys import (
+    AGENT_GROUP,
+    agent_shard,
+    agent_work_key,
+    conv_channel,
+    conv_events_key,
+    conv_inbox_key,
+    conv_meta_key,
+    conv_reply_key,
+    conv_run_key,
+    event_id_of,
+)
+from ..store import MAYBE_RAN, Store, now_iso
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+REPLY_TTL = 600  # a reply so far outlives its worker by this long at most (seconds)
+
+
+def script_source(name: str) -> str:
+    """The text of one of the run scripts (scripts/<name>.lua)."""
+    return (SCRIPTS / f"{name}.lua").read_text()
+
+
+class ConversationGone(Exception):
+    """The conversation was deleted: its work is dropped."""
+
+
+class LeaseLost(Exception):
+    """Another worker holds the conversation's lease now: this one stops writing at once."""
+
+
+class RunEnded(Exception):
+    """The run was ended already (by this worker before a lost reply, or by another)."""
+
+
+@dataclass
+class Claim:
+    """What `acquire` gives a worker that took a conversation's lease: the message to answer, and more."""
+
+    cause: int
+    steps_written: int
+    stop: bool
+    repository: str | None
+    selected_branch: str | None
+    title: str | None
+    history: list[dict[str, Any]]
+
+
+def _text(value: bytes) -> str | None:
+    return value.decode() if value else None
+
+
+def _result(reply: list[Any]) -> int:
+    code = int(reply[0])
+    if code == -1:
+        raise ConversationGone()
+    if code == -3:
+        raise LeaseLost()
+    if code == -5:
+        raise RunEnded()
+    if code == -4:
+        raise RuntimeError("a step of the run was skipped")  # a bug of the caller: never retried
+    return code
+
+
+def resend(call: Any, attempts: int = 3) -> Any:
+    """Run an idempotent script; after a lost or late reply, send it again (it cannot apply twice)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except MAYBE_RAN:
+            if attempt == attempts:
+                raise
+            time.sleep(0.1 * attempt)
+    raise AssertionError("unreachable")
+
+
+class RunStore:
+    """Runs and work shards, on the service's store (its client, retention and publish command)."""
+
+    def __init__(self, store: Store, *, lease_ms: int, history: int):
+        self.store = store
+        self.redis = store.redis
+        self.lease_ms = lease_ms
+        self.history = history
+        self.shards = store.agent_shards
+        self._scripts = {name: self.redis.register_script(script_source(name))
+                         for name in ("acquire", "emit", "finish", "renew", "release", "delta")}
+
+    # Runs ----------------------------------------------------------------------------------
+
+    def acquire(self, cid: str, token: str) -> Claim | str:
+        """Take the conversation's lease: a Claim, or why not ('gone', 'idle', 'paused', 'busy')."""
+        keys = [conv_meta_key(cid), conv_events_key(cid), conv_inbox_key(cid), conv_run_key(cid)]
+        reply = resend(lambda: self._scripts["acquire"](keys=keys, args=[token, self.lease_ms, self.history]))
+        status = reply[0].decode()
+        if status != "ok":
+            return status
+        history = []
+        for entry, fields in reversed(self._pairs(reply[7])):
+            data = fields.get(b"e")
+            if data is not None:
+                event = orjson.loads(data)
+                event.setdefault("id", event_id_of(entry))
+                history.append(event)
+        return Claim(cause=int(reply[1]), steps_written=int(reply[2]), stop=bool(reply[3]),
+                     repository=_text(reply[4]), selected_branch=_text(reply[5]), title=_text(reply[6]),
+                     history=history)
+
+    @staticmethod
+    def _pairs(entries: list[Any]) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        # A script's reply holds XREVRANGE's entries as [id, [field, value, ...]].
+        out = []
+        for entry, flat in entries:
+            out.append((entry, dict(zip(flat[::2], flat[1::2]))))
+        return out
+
+    def emit(self, cid: str, token: str, cause: int, step: int, fields: dict[str, Any], *, source: str,
+             state: str = "", ends_reply: bool = False) -> tuple[int, bool]:
+        """Store step `step` of the run answering `cause`, once; (its event id, whether it was stored before)."""
+        body = orjson.dumps({"timestamp": now_iso(), "source": source, **fields, "cause": cause})
+        keys = [conv_meta_key(cid), conv_events_key(cid), conv_run_key(cid), conv_channel(cid), conv_reply_key(cid)]
+        args = [token, cause, step, body[1:], self.store.retention, self.store.publish, state,
+                "1" if ends_reply else ""]
+        reply = resend(lambda: self._scripts["emit"](keys=keys, args=args))
+        return _result(reply), bool(int(reply[1]))
+
+    def delta(self, cid: str, token: str, cause: int, offset: int, byte_offset: int, text: str) -> bool:
+        """Publish a live bit of the reply (not stored as an event); False when it was sent before."""
+        data = orjson.dumps({"cause": cause, "offset": offset, "text": text})
+        keys = [conv_meta_key(cid), conv_reply_key(cid), conv_channel(cid)]
+        args = [token, cause, byte_offset, text, data, self.store.publish, REPLY_TTL]
+        reply = resend(lambda: self._scripts["delta"](keys=keys, args=args))
+        return _result([reply]) == 1
+
+    def finish(self, cid: str, token: str, cause: int, step: int, state: str) -> tuple[bool, str]:
+        """End the run: its last state event; (whether more is queued and the lease still ours, the state written)."""
+        keys = [conv_meta_key(cid), conv_events_key(cid), conv_run_key(cid), conv_channel(cid),
+                conv_reply_key(cid), conv_inbox_key(cid)]
+        args = [token, cause, step, now_iso(), state, self.store.retention, self.store.publish, self.lease_ms]
+        reply = resend(lambda: self._scripts["finish"](keys=keys, args=args))
+        _result(reply)
+        return bool(int(reply[1])), reply[2].decode()
+
+    def renew(self, leases: list[tuple[str, str]]) -> list[tuple[int, bool]]:
+        """Renew (conversation, token) leases, a pipeline per master: (1 held, 0 lost, -1 gone; stop asked)."""
+        keys = [conv_meta_key(cid) for cid, _token in leases]
+        out: list[tuple[int, bool]] = [(0, False)] * len(leases)
+        for client, positions in pipelines_per_node(self.redis, keys).items():
+            pipe = client.pipeline(transaction=False)
+            for i in positions:
+                self._scripts["renew"](keys=[keys[i]], args=[leases[i][1], self.lease_ms], client=pipe)
+            for i, reply in zip(positions, pipe.execute()):
+                out[i] = (int(reply[0]), len(reply) > 1 and bool(reply[1]))
+        return out
+
+    def release(self, cid: str, token: str) -> None:
+        """Let the lease go (shutting down): the run is taken over at once by another worker."""
+        resend(lambda: self._scripts["release"](keys=[conv_meta_key(cid)], args=[token]))
+
+    # Work shards ---------------------------------------------------------------------------
+
+    def ensure_groups(self) -> None:
+        """Create the consumer group on every shard (from the start: entries made before are answered too)."""
+        for shard in range(self.shards):
+            try:
+                self.redis.xgroup_create(agent_work_key(shard), AGENT_GROUP, id="0", mkstream=True)
+            except redis.ResponseError as err:
+                if "BUSYGROUP" not in str(err):
+                    raise
+
+    @staticmethod
+    def _work(entries: list[Any]) -> list[tuple[bytes, str]]:
+        return [(entry, fields[b"c"].decode()) for entry, fields in entries if fields and b"c" in fields]
+
+    def read_work(self, client: Any, shard: int, consumer: str, count: int, block_ms: int) -> list[tuple[bytes, str]]:
+        """New work entries of a shard for this consumer: (entry id, conversation id)."""
+        reply = client.xreadgroup(AGENT_GROUP, consumer, {agent_work_key(shard): ">"}, count=count, block=block_ms)
+        return self._work(reply[0][1]) if reply else []
+
+    def claim_idle(self, shard: int, consumer: str, idle_ms: int, count: int) -> list[tuple[bytes, str]]:
+        """Work entries another consumer took and has not touched for `idle_ms` (it died): now ours."""
+        reply = self.redis.xautoclaim(agent_work_key(shard), AGENT_GROUP, consumer, idle_ms, "0-0", count=count)
+        return self._work(reply[1])
+
+    def touch(self, shard: int, consumer: str, entries: list[bytes]) -> None:
+        """Reset the idle time of entries this consumer is working on, so nobody claims them."""
+        self.redis.xclaim(agent_work_key(shard), AGENT_GROUP, consumer, 0, entries, justid=True)
+
+    def done(self, shard: int, entries: list[bytes]) -> None:
+        """Acknowledge and delete work entries (the shard holds only work not done)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(agent_work_key(shard), AGENT_GROUP, *entries)
+        pipe.xdel(agent_work_key(shard), *entries)
+        pipe.execute()
+
+    def requeue(self, cid: str) -> None:
+        """A new work entry for the conversation (a worker leaving hands its run over at once)."""
+        self.redis.xadd(agent_work_key(agent_shard(cid, self.shards)), {"c": cid})
