@@ -39,6 +39,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     for module in (conversations, events, sse, health):
         app.register_blueprint(module.bp)
 
+    from .agent.cli import agent
     from .cli import keys
     app.cli.add_command(keys)
+    app.cli.add_command(agent)
     return app

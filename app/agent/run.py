@@ -1,0 +1,216 @@
+"""One conversation's runs in a worker: its queued messages answered in order, each run's events written once.
+
+The agent's generator runs in a greenlet of its own and hands its events over a queue; this
+greenlet writes them. A stop, a timeout or a lost lease kills only the agent's greenlet (at its
+next blocking call), never a write half sent, so the run always knows which step comes next.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import gevent.queue
+import orjson
+
+from ..validation import ACTION_TYPE
+from .base import AgentError, Conversation
+from .runs import Claim, ConversationGone, LeaseLost, RunEnded
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+_END = object()
+_WAKE = object()
+RESERVED = ("id", "timestamp", "source", "cause")
+# What each kind of event an agent yields must carry (other kinds: only a valid `type`).
+REQUIRED: dict[str, dict[str, type]] = {
+    "agent_message": {"content": str},
+    "agent_action": {"action": str, "args": dict},
+    "observation": {"observation": str, "content": str},
+    "error": {"message": str},
+    "agent_message_delta": {"text": str},
+}
+RUNTIME_TYPES = ("agent_state_changed", "user_message")  # written by the runtime or by users only
+
+
+class Cancelled(Exception):
+    """The run must end now: `reason` is stop, lost, gone, timeout or shutdown."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def checked(event: Any, max_bytes: int) -> dict[str, Any]:
+    """An event the agent yielded, checked; AgentError (a safe text) if it is not one the runtime can write."""
+    if not isinstance(event, dict):
+        raise AgentError(f"the agent yielded a {type(event).__name__}, not an event (a dict)")
+    kind = event.get("type")
+    if not isinstance(kind, str) or not ACTION_TYPE.fullmatch(kind) or kind in RUNTIME_TYPES:
+        raise AgentError("the agent yielded an event without a valid type")
+    for field, expected in REQUIRED.get(kind, {}).items():
+        if not isinstance(event.get(field), expected):
+            raise AgentError(f"the agent yielded a {kind} without a {expected.__name__} '{field}'")
+    fields = {k: v for k, v in event.items() if k not in RESERVED}
+    try:
+        size = len(orjson.dumps(fields))
+    except (orjson.JSONEncodeError, TypeError):
+        raise AgentError(f"the agent yielded a {kind} that is not JSON") from None
+    if size > max_bytes:
+        raise AgentError(f"the agent yielded a {kind} of {size} bytes (more than MAX_EVENT_BYTES, {max_bytes})")
+    return fields
+
+
+class Run:
+    """The runs of one conversation while this worker holds its lease."""
+
+    def __init__(self, worker: Worker, cid: str):
+        self.worker = worker
+        self.runs = worker.runs
+        self.cid = cid
+        self.token = ""
+        self.queue: gevent.queue.Queue = gevent.queue.Queue()
+        self.agent_greenlet: gevent.Greenlet | None = None
+        self.cancelled: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        """End the run going (from the heartbeat or the shutdown): its agent is killed, the run ends."""
+        if self.cancelled is None or reason in ("lost", "gone"):
+            self.cancelled = reason
+        if self.agent_greenlet is not None:
+            self.agent_greenlet.kill(block=False)
+        self.queue.put(_WAKE)
+
+    def answer_queue(self, claimed: bool) -> bool:
+        """Take the lease and answer every queued message; whether the work entry is done with."""
+        token = secrets.token_hex(8)
+        claim = self.runs.acquire(self.cid, token)
+        if claim == "busy":
+            # A live worker answers it, or a dead one's lease has not run out yet: a claimed entry
+            # stays to be looked at again (once idle), a new one is done (the holder sees it queued).
+            return not claimed
+        if not isinstance(claim, Claim):
+            return True  # gone, idle or paused
+        self.token = token
+        try:
+            while isinstance(claim, Claim):
+                more = self._run(claim)
+                if not more or self.cancelled == "shutdown":
+                    break
+                claim = self.runs.acquire(self.cid, token)
+        except (ConversationGone, LeaseLost, RunEnded) as err:
+            log.info("agent: conversation %s: %s", self.cid, type(err).__name__)
+            return True
+        if self.cancelled == "shutdown":
+            self._let_go()
+            return False
+        return True
+
+    def _let_go(self) -> None:
+        try:
+            self.runs.release(self.cid, self.token)
+        except Exception:  # noqa: BLE001 - the lease runs out by itself
+            log.warning("agent: could not release the lease of %s", self.cid)
+
+    # One run -------------------------------------------------------------------------------
+
+    def _run(self, claim: Claim) -> bool:
+        """Answer message `claim.cause`; whether more is queued."""
+        cause = claim.cause
+        self.step = 0  # steps already written (claim.steps_written) are sent again and skipped by the script
+        if self.cancelled != "shutdown":
+            self.cancelled = "stop" if claim.stop else None
+        action = claim.history[-1] if claim.history and claim.history[-1].get("id") == cause else \
+            {"id": cause, "type": "user_message", "content": ""}  # trimmed by retention: answered anyway
+        self._write(cause, {"type": "agent_state_changed", "agent_state": "running"}, state="running")
+        state = "awaiting_user_input"
+        if self.cancelled is None:
+            state = self._agent_events(claim, cause, action)
+        if self.cancelled == "shutdown":
+            return False
+        if self.cancelled == "stop":
+            state = "stopped"
+        elif self.cancelled in ("lost", "gone"):
+            raise LeaseLost() if self.cancelled == "lost" else ConversationGone()
+        more, written = self.runs.finish(self.cid, self.token, cause, self.step + 1, state)
+        log.info("agent: conversation %s, message %d answered (%s)", self.cid, cause, written)
+        return more
+
+    def _write(self, cause: int, fields: dict[str, Any], *, source: str = "agent", state: str = "",
+               ends_reply: bool = False) -> int:
+        self.step += 1
+        event_id, _before = self.runs.emit(self.cid, self.token, cause, self.step, fields, source=source,
+                                           state=state, ends_reply=ends_reply)
+        return event_id
+
+    def _agent_events(self, claim: Claim, cause: int, action: dict[str, Any]) -> str:
+        """Write what the agent yields until it ends; the state the run ends in."""
+        conversation = Conversation(self.cid, claim.repository, claim.selected_branch, claim.title)
+        self.queue = gevent.queue.Queue()
+        self.agent_greenlet = gevent.spawn(self._produce, conversation, claim.history, action, self.queue)
+        max_bytes = self.worker.config["MAX_EVENT_BYTES"]
+        last_action: int | None = None
+        reply_chars = reply_bytes = 0
+        try:
+            while True:
+                item = self.queue.get(timeout=self.worker.step_timeout) if self.cancelled is None else _WAKE
+                if self.cancelled is not None:
+                    return "stopped"
+                if item is _WAKE:
+                    continue
+                if item is _END:
+                    return "awaiting_user_input"
+                if isinstance(item, BaseException):
+                    message = str(item) if isinstance(item, AgentError) else \
+                        "the agent failed unexpectedly; the worker's log has the details"
+                    self._write(cause, {"type": "error", "message": message[:2000]})
+                    return "error"
+                try:
+                    fields = checked(item, max_bytes)
+                except AgentError as err:
+                    self.agent_greenlet.kill(block=False)
+                    self._write(cause, {"type": "error", "message": str(err)})
+                    return "error"
+                kind = fields["type"]
+                if kind == "agent_message_delta":
+                    text = fields["text"]
+                    self.runs.delta(self.cid, self.token, cause, reply_chars, reply_bytes, text)
+                    reply_chars += len(text)
+                    reply_bytes += len(text.encode())
+                    continue
+                if kind == "observation" and "action_id" not in fields and last_action is not None:
+                    fields["action_id"] = last_action
+                source = "environment" if kind == "observation" else "agent"
+                event_id = self._write(cause, fields, source=source, ends_reply=kind == "agent_message")
+                if kind == "agent_message":
+                    reply_chars = reply_bytes = 0
+                if kind == "agent_action":
+                    last_action = event_id
+        except gevent.queue.Empty:
+            self.agent_greenlet.kill(block=False)
+            self._write(cause, {"type": "error", "message":
+                                f"the agent took longer than {self.worker.step_timeout:g} s for one step"})
+            return "error"
+        finally:
+            if self.agent_greenlet is not None:
+                self.agent_greenlet.kill(block=True, timeout=1)
+                self.agent_greenlet = None
+
+    def _produce(self, conversation: Conversation, history: list[dict[str, Any]], action: dict[str, Any],
+                 out: gevent.queue.Queue) -> None:
+        """The agent's greenlet: its events onto the queue, then the end (or what it raised)."""
+        try:
+            for event in self.worker.agent.run(conversation, history, action) or ():
+                out.put(event)
+            out.put(_END)
+        except gevent.GreenletExit:
+            raise
+        except AgentError as err:
+            out.put(err)
+        except Exception as err:  # noqa: BLE001 - any failure of the agent's code is its run's error
+            log.exception("agent %s failed in conversation %s", type(self.worker.agent).__name__, self.cid)
+            out.put(err)

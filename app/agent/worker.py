@@ -1,0 +1,247 @@
+"""An agent worker: reads the work shards, answers each conversation's queued messages in order.
+
+One loop per shard reads new work entries (XREADGROUP) while a run slot is free; a claim loop
+takes over entries a dead worker left (XAUTOCLAIM after AGENT_CLAIM_IDLE_SECONDS); a heartbeat
+renews the lease of every run going, resets its entry's idle time, and cancels a run whose user
+asked it to stop (or whose lease another worker took). A work entry is acknowledged only once
+everything queued in its conversation was answered, so a worker killed at any moment leaves
+its entry to be claimed. Runs of different conversations go in parallel (AGENT_CONCURRENCY).
+TERM ends the worker warmly (runs going may finish for SHUTDOWN_GRACE seconds, the rest are
+handed over at once); a second TERM or INT hands everything over at once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+import redis
+
+from ..errors import redis_unavailable
+from ..redis import make_client
+from .base import Agent
+from .run import Run
+from .runs import RunStore
+
+log = logging.getLogger(__name__)
+
+BLOCK_MS = 1000
+SHUTDOWN_GRACE = 10.0
+BATCH = 64  # most work entries read at once per shard
+
+
+class Worker:
+    """One agent worker process's loops over the work shards."""
+
+    def __init__(self, config: Mapping[str, Any], store: Any, agent: Agent, concurrency: int):
+        claim_idle = config["AGENT_CLAIM_IDLE_SECONDS"]
+        self.config = config
+        self.agent = agent
+        self.concurrency = concurrency
+        self.claim_idle_ms = int(claim_idle * 1000)
+        # The lease outlives a stalled heartbeat for as long as an entry may stay unclaimed.
+        self.runs = RunStore(store, lease_ms=self.claim_idle_ms, history=config["AGENT_HISTORY_EVENTS"])
+        self.heartbeat = min(0.25, claim_idle / 4)
+        self.step_timeout = config["AGENT_STEP_TIMEOUT_SECONDS"]
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.slots = gevent.lock.BoundedSemaphore(concurrency)
+        # Blocking reads hold a connection each: a client of their own, one connection per shard.
+        self.reader = make_client(config["REDIS_URL"], self.runs.shards + 2, BLOCK_MS / 1000 + 5)
+        self.active: dict[str, Run] = {}  # conversation id -> its run going here
+        self.entries: dict[int, dict[bytes, str]] = {s: {} for s in range(self.runs.shards)}  # held, not done
+        self.stopping = gevent.event.Event()
+        self.handlers: set[gevent.Greenlet] = set()
+        self.handled = 0
+
+    # Loops ---------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run until `stop()`; then hand over what is left."""
+        self._wait_for_redis()
+        log.info("agent worker %s: agent %s, %d at once, %d shards", self.consumer, self.agent.name or
+                 type(self.agent).__name__, self.concurrency, self.runs.shards)
+        loops = [gevent.spawn(self._forever, f"read {s}", self._read_loop, s) for s in range(self.runs.shards)]
+        loops += [gevent.spawn(self._forever, "claim", self._claim_loop),
+                  gevent.spawn(self._forever, "heartbeat", self._heartbeat_loop)]
+        self.stopping.wait()
+        gevent.killall([g for g in loops if g is not loops[-1]], timeout=BLOCK_MS / 1000 + 1)
+        gevent.joinall(list(self.handlers), timeout=SHUTDOWN_GRACE if not self.cold else 0)
+        self._hand_over()
+        loops[-1].kill()
+        log.info("agent worker %s stopped after %d work entries", self.consumer, self.handled)
+
+    cold = False
+
+    def stop(self, cold: bool = False) -> None:
+        """Stop taking work; runs going may finish (warm) or are handed over at once (cold)."""
+        if self.stopping.is_set():
+            cold = True
+        self.cold = self.cold or cold
+        self.stopping.set()
+        if self.cold:
+            for run in list(self.active.values()):
+                run.cancel("shutdown")
+
+    def _wait_for_redis(self) -> None:
+        backoff = 0.1
+        while not self.stopping.is_set():
+            try:
+                self.runs.ensure_groups()
+                return
+            except redis.RedisError as err:
+                log.warning("agent worker: Redis not ready (%s); again in %.1fs", type(err).__name__, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _forever(self, name: str, loop: Any, *args: Any) -> None:
+        backoff = 0.05
+        while not self.stopping.is_set():
+            try:
+                loop(*args)
+                return
+            except redis.RedisError as err:
+                if redis_unavailable(err) is None and not isinstance(err, redis.ResponseError):
+                    log.exception("agent %s loop failed", name)
+                else:
+                    log.warning("agent %s loop: %s; again in %.2fs", name, type(err).__name__, backoff)
+                if "NOGROUP" in str(err):  # the shard was deleted (FLUSHALL): make it again
+                    self._wait_for_redis()
+            except Exception:  # noqa: BLE001 - a dead loop would leave work unanswered
+                log.exception("agent %s loop failed", name)
+            self.stopping.wait(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _take_slots(self, blocking: bool) -> int:
+        """Take as many free run slots as there are (at least one when blocking); how many."""
+        if not self.slots.acquire(blocking=blocking, timeout=BLOCK_MS / 1000 if blocking else None):
+            return 0
+        taken = 1
+        while taken < BATCH and self.slots.acquire(blocking=False):
+            taken += 1
+        return taken
+
+    def _give_slots(self, count: int) -> None:
+        for _ in range(count):
+            self.slots.release()
+
+    def _read_loop(self, shard: int) -> None:
+        while not self.stopping.is_set():
+            free = self._take_slots(blocking=True)
+            if not free:
+                continue
+            try:
+                work = self.runs.read_work(self.reader, shard, self.consumer, free, BLOCK_MS)
+            except BaseException:
+                self._give_slots(free)
+                raise
+            self._give_slots(free - len(work))
+            for entry, cid in work:
+                self._spawn(shard, entry, cid, claimed=False)
+
+    def _claim_loop(self) -> None:
+        while not self.stopping.wait(max(self.claim_idle_ms / 2000, 0.1)):
+            for shard in range(self.runs.shards):
+                free = self._take_slots(blocking=False)
+                if not free:
+                    break
+                try:
+                    work = self.runs.claim_idle(shard, self.consumer, self.claim_idle_ms, free)
+                except BaseException:
+                    self._give_slots(free)
+                    raise
+                self._give_slots(free - len(work))
+                for entry, cid in work:
+                    log.info("agent: took over conversation %s (entry %s of shard %d)", cid, entry.decode(), shard)
+                    self._spawn(shard, entry, cid, claimed=True)
+
+    def _heartbeat_loop(self) -> None:
+        ticks = 0
+        while True:
+            gevent.sleep(self.heartbeat)
+            ticks += 1
+            runs = [run for run in self.active.values() if run.token]
+            if runs:
+                try:
+                    answers = self.runs.renew([(run.cid, run.token) for run in runs])
+                except redis.RedisError as err:
+                    log.warning("agent heartbeat: %s (leases not renewed this time)", type(err).__name__)
+                    answers = []
+                for run, (held, stop) in zip(runs, answers):
+                    if held == -1:
+                        run.cancel("gone")
+                    elif held == 0:
+                        run.cancel("lost")
+                    elif stop:
+                        run.cancel("stop")
+            if ticks % 4 == 0:
+                for shard, held_entries in self.entries.items():
+                    if held_entries:
+                        try:
+                            self.runs.touch(shard, self.consumer, list(held_entries))
+                        except redis.RedisError as err:
+                            log.warning("agent heartbeat: touching entries failed (%s)", type(err).__name__)
+
+    # Work entries --------------------------------------------------------------------------
+
+    def _spawn(self, shard: int, entry: bytes, cid: str, claimed: bool) -> None:
+        self.entries[shard][entry] = cid
+        handler = gevent.spawn(self._handle, shard, entry, cid, claimed)
+        self.handlers.add(handler)
+        handler.link(lambda g: self.handlers.discard(g))
+
+    def _handle(self, shard: int, entry: bytes, cid: str, claimed: bool) -> None:
+        """Answer what the conversation has queued; acknowledge the entry once nothing is left."""
+        done = False
+        try:
+            done = self._answer(cid, claimed)
+        except redis.RedisError as err:
+            # Whether it ran or not, the entry stays: claimed again once idle, the steps written kept.
+            log.warning("agent: conversation %s left for later (%s)", cid, type(err).__name__)
+        except Exception:  # noqa: BLE001 - one conversation's failure must not stop the others
+            log.exception("agent: conversation %s failed; left for another try", cid)
+        finally:
+            self.handled += 1
+            if done:
+                try:
+                    self.runs.done(shard, [entry])
+                except redis.RedisError as err:
+                    log.warning("agent: could not acknowledge entry %s (%s); it will be looked at again",
+                                entry.decode(), type(err).__name__)
+                    done = False
+            if done or not self.stopping.is_set():
+                self.entries[shard].pop(entry, None)
+            self.slots.release()
+
+    def _answer(self, cid: str, claimed: bool) -> bool:
+        """Answer the conversation's queue while this worker holds its lease; whether the entry is done."""
+        if cid in self.active:
+            return True  # its run here answers what is queued before it lets go (finish says 'more')
+        if self.stopping.is_set():
+            return False
+        run = Run(self, cid)
+        self.active[cid] = run
+        try:
+            return run.answer_queue(claimed)
+        finally:
+            del self.active[cid]
+
+    def _hand_over(self) -> None:
+        """Shutting down: runs still going are cancelled, their leases let go and their work re-queued."""
+        for run in list(self.active.values()):
+            run.cancel("shutdown")
+        gevent.joinall(list(self.handlers), timeout=5)
+        for shard, held_entries in self.entries.items():
+            for entry, cid in list(held_entries.items()):
+                try:
+                    self.runs.requeue(cid)  # a new entry first: at no moment is the work in no entry
+                    self.runs.done(shard, [entry])
+                except redis.RedisError as err:
+                    log.warning("agent: could not hand conversation %s over (%s); it is claimed once idle",
+                                cid, type(err).__name__)
+            held_entries.clear()
