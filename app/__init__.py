@@ -3,18 +3,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask
-
-from . import auth, errors
-from . import redis as redis_ext
-from .config import load_settings
-from .store import Store
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app: settings from the environment, overridden by `config` (tests)."""
+    # Imported here, not at the package's import: `python -m app.agent` patches the standard
+    # library with gevent first, which must come before anything imports ssl (redis-py does).
+    from flask import Flask
+
+    from . import auth, errors
+    from . import redis as redis_ext
+    from .config import load_settings
+    from .store import Store
+
     app = Flask(__name__)
     settings = load_settings()
     settings.update(config or {})

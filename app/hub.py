@@ -19,7 +19,7 @@ import gevent.event
 import gevent.monkey
 import redis
 
-from . import sse
+from . import replies, sse
 from .broker import Listener, wait_for
 from .cluster_listener import ClusterListener
 from .errors import redis_unavailable
@@ -54,7 +54,7 @@ RESYNC_PIPELINE = 200
 class Conversation:
     """The hub's state for one conversation that has local subscribers."""
 
-    __slots__ = ("cid", "channel", "subscribers", "position", "subscribed")
+    __slots__ = ("cid", "channel", "subscribers", "position", "subscribed", "deltas")
 
     def __init__(self, cid: str):
         self.cid = cid
@@ -62,6 +62,7 @@ class Conversation:
         self.subscribers: set[Subscriber] = set()
         self.position: int | None = None  # last event id handed out; None until the first one
         self.subscribed = gevent.event.Event()  # set each time Redis confirms the subscription
+        self.deltas = 0  # reply deltas handed out (a stream that read the reply before it registered checks it)
 
 
 class HubUnavailable(Exception):
@@ -204,8 +205,10 @@ class Hub:
             conv.subscribed.set()
 
     def _on_messages(self, messages: list[tuple[bytes, bytes]]) -> None:
-        # Grouped per conversation, in the order Redis published them (its ids' order).
-        grouped: dict[Conversation, list[tuple[int, bytes]]] = {}
+        # Grouped per conversation, in the order Redis published them (its ids' order); reply deltas
+        # keep their place among the events (`mixed`).
+        grouped: dict[Conversation, list] = {}
+        mixed: set[Conversation] = set()
         deleted: list[Conversation] = []
         for channel, data in messages:
             conv = self.by_channel.get(channel)
@@ -214,6 +217,11 @@ class Hub:
             event_id = event_id_in(data)
             if event_id is not None:
                 grouped.setdefault(conv, []).append((event_id, sse.event_frame(event_id, data)))
+            elif data[:1] == replies.DELTA_MARK:
+                delta = replies.parse_delta(data)  # once here, whatever the number of streams
+                if delta is not None:
+                    grouped.setdefault(conv, []).append(delta)
+                    mixed.add(conv)
             elif data[:1] == b"#" and data[1:].isdigit():
                 # A doorbell: event N is stored (announced again after a retry); read what is new.
                 grouped.setdefault(conv, []).extend(self._up_to(conv, int(data[1:])))
@@ -223,7 +231,9 @@ class Hub:
                 log.warning("hub: ignored a malformed announcement on %s", channel[:80])
         writes = 0
         for conv, items in grouped.items():
-            writes += self._dispatch(conv, items)
+            for run in replies.runs(items) if conv in mixed else (items,):  # each run of events as one batch
+                is_delta = isinstance(run, replies.Delta)
+                writes += self._dispatch_delta(conv, run) if is_delta else self._dispatch(conv, run)
         for conv in deleted:  # after the events announced before it: those still go out
             for sub in list(conv.subscribers):
                 sub.end("deleted")
@@ -231,6 +241,14 @@ class Hub:
             # Under fan-out, each socket write costs a syscall whatever it carries: waiting a few
             # ms lets the next batch bring several events, written once per subscriber.
             gevent.sleep(self.coalesce)
+
+    def _dispatch_delta(self, conv: Conversation, delta: replies.Delta) -> int:
+        """Hand a reply delta to the conversation's subscribers; the number of subscribers reached."""
+        if self.conversations.get(conv.cid) is not conv:
+            return 0
+        conv.deltas += 1
+        replies.hand_out(conv.subscribers, delta, self.queue_max)
+        return len(conv.subscribers)
 
     def _dispatch(self, conv: Conversation, items: list[tuple[int, bytes]]) -> int:
         """Hand events to the conversation's subscribers; the number of subscribers reached."""
@@ -243,7 +261,8 @@ class Hub:
         conv.position = items[-1][0]
         batch = Batch(items)
         for sub in list(conv.subscribers):
-            if sub.direct and not sub.busy and batch.first_id == sub.last_sent + 1:
+            # Nothing queued: a batch must not overtake a reply delta waiting for the stream's greenlet.
+            if sub.direct and not sub.busy and not sub.pending and batch.first_id == sub.last_sent + 1:
                 sub.write_now(batch)
             else:
                 sub.deliver(batch, self.queue_max)

@@ -1,4 +1,8 @@
-"""The body of every SSE response: the opening, what is stored after the client's id, then live events."""
+"""The body of every SSE response: the opening, what is stored after the client's id, then live events.
+
+A stream opened in the middle of a reply also gets the reply so far (one delta at offset 0) after
+its catch-up; live reply deltas go out at their place among the events (replies.py).
+"""
 from __future__ import annotations
 
 import logging
@@ -10,8 +14,12 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from . import replies
 from .errors import redis_unavailable
+from .keys import conv_events_key, conv_reply_key, entry_id, event_id_of
+from .replies import Delta
 from .sse import PING, PING_CHUNK, event_frame, history_truncated, http_chunk
+from .store import MAX_EVENT_ID
 
 if TYPE_CHECKING:
     from .hub import Conversation, Hub, Subscriber
@@ -70,6 +78,41 @@ def catch_up(store: Store, sub: Subscriber, upto: int | None = None) -> Iterator
             return
 
 
+def read_page_and_reply(store: Store, cid: str, after: int) -> tuple[list, bytes | None]:
+    """A page of stored events after `after` (XRANGE entries), and the reply in progress read just after it.
+
+    In one round trip: the GET rides in the XRANGE's pipeline (same slot), placed after it, so a
+    complete page and the reply are as of the same moment (see replies.snapshot).
+    """
+    pipe = store.redis.pipeline(transaction=False)
+    pipe.xrange(conv_events_key(cid), min=entry_id(after + 1), max="+", count=CATCH_UP_PAGE)
+    pipe.get(conv_reply_key(cid))
+    entries, reply = pipe.execute()
+    return entries, reply
+
+
+def opening_catch_up(store: Store, sub: Subscriber) -> Iterator[bytes]:
+    """Frames of every stored event after the subscriber's last one, then of the reply in progress, if any."""
+    if sub.last_sent >= MAX_EVENT_ID:
+        return  # no event is ever past it, nor any delta (they would be older than what it says it has)
+    after = sub.last_sent
+    while True:
+        entries, reply = read_page_and_reply(store, sub.conversation_id, after)
+        # An entry not written by us (no event field) is skipped, as Store.read_after does.
+        page = [(event_id_of(eid), fields[b"e"]) for eid, fields in entries if b"e" in fields]
+        frames = page_frames(sub.last_sent, page) if page else b""
+        if page:
+            sub.last_sent = page[-1][0]
+        if len(entries) < CATCH_UP_PAGE:  # the last page: the reply read with it is current
+            frames += replies.snapshot(sub, reply)
+            if frames:
+                yield frames
+            return
+        after = event_id_of(entries[-1][0])  # past skipped entries too: a page of them must not repeat
+        if frames:
+            yield frames
+
+
 def followed(hub: Hub | None, cid: str) -> Conversation | None:
     """The hub's state for `cid` if the hub follows it now, confirmed by Redis; else None.
 
@@ -95,7 +138,7 @@ def gapless(hub: Hub, conv: Conversation, upto: int) -> bool:
 
 
 def live_frames(store: Store, sub: Subscriber) -> bytes:
-    """The frames of the subscriber's pending batches that it has not sent yet, in id order.
+    """The frames of the subscriber's pending batches (and reply deltas) that it has not sent yet, in order.
 
     A batch that starts past the next expected id (announcements lost while the hub's pub/sub
     connection was down) is preceded by what Redis still has in between, and by
@@ -103,6 +146,9 @@ def live_frames(store: Store, sub: Subscriber) -> bytes:
     """
     out: list[bytes] = []
     for batch in sub.take():
+        if type(batch) is Delta:
+            out.extend(delta_frames(store, sub, batch))
+            continue
         if batch.last_id <= sub.last_sent:
             continue
         if batch.first_id > sub.last_sent + 1:
@@ -116,6 +162,22 @@ def live_frames(store: Store, sub: Subscriber) -> bytes:
             out.extend(frame for n, frame in batch.items if n > sub.last_sent)
         sub.last_sent = batch.last_id
     return b"".join(out)
+
+
+def delta_frames(store: Store, sub: Subscriber, delta: Delta) -> list[bytes]:
+    """The frames that put a reply delta at its place: after event L (delta.upto), before anything later.
+
+    A stream that has sent events past L drops it (it may be older than a final agent_message
+    the client has; a stream that joined mid-reply got the text so far instead). One that lacks
+    events up to L (catching up; an announcement lost or not made yet) reads them first; if they
+    are no longer stored, the delta is dropped and the events after L say the gap.
+    """
+    out = list(catch_up(store, sub, upto=delta.upto)) if sub.last_sent < delta.upto else []
+    if sub.last_sent == delta.upto:
+        frame = replies.frame_for(sub, delta)
+        if frame is not None:
+            out.append(frame)
+    return out
 
 
 def wait(sub: Subscriber, timeout: float) -> bool:
@@ -194,7 +256,7 @@ def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: f
         hub.started(sub)
         yield opening
         if not caught_up:
-            yield from catch_up(store, sub)
+            yield from opening_catch_up(store, sub)
         if sub.fd is not None:
             # What arrived during the catch-up goes out through gunicorn; then the hub writes.
             while sub.pending and sub.end_reason is None:

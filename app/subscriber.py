@@ -1,15 +1,18 @@
-"""One open stream as the hub sees it, and the batches of frames it hands to streams."""
+"""One open stream as the hub sees it, and the batches of frames (and reply deltas) it hands to streams."""
 from __future__ import annotations
 
 import os
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
 
 from . import sse
+
+if TYPE_CHECKING:
+    from .replies import Delta
 
 OVERFLOW_GRACE = 5.0  # after an overflow, a stream still blocked in a write this long is cut off
 
@@ -33,7 +36,7 @@ class Subscriber:
     __slots__ = (
         "conversation_id", "user_id", "key_id", "connection_id", "last_sent", "pending",
         "pending_events", "wake", "end_reason", "readable", "sock", "watcher", "done", "fd", "direct", "busy",
-        "outbuf", "last_write", "__weakref__",
+        "outbuf", "last_write", "reply_cause", "reply_chars", "reply_at", "__weakref__",
     )
 
     def __init__(self, conversation_id: str, user_id: str, key_id: str, connection_id: str, last_sent: int,
@@ -43,7 +46,7 @@ class Subscriber:
         self.key_id = key_id
         self.connection_id = connection_id
         self.last_sent = last_sent
-        self.pending: list[Batch] = []
+        self.pending: list[Batch | Delta] = []  # in the order the hub got them (deltas among the batches)
         self.pending_events = 0
         self.wake = gevent.event.Event()
         self.end_reason: str | None = None
@@ -59,6 +62,10 @@ class Subscriber:
         self.busy = False  # the stream's greenlet owns the socket (a write would block)
         self.outbuf = b""  # the unwritten rest of a direct write; the greenlet sends it
         self.last_write = 0.0  # monotonic time of the last write to the socket (pings wait for silence)
+        # The reply (live deltas) it shows: its cause, the characters sent, and last_sent then (replies.py).
+        self.reply_cause: int | None = None
+        self.reply_chars = 0
+        self.reply_at = -2
 
     def deliver(self, batch: Batch, limit: int) -> None:
         """Queue a batch; a subscriber that falls `limit` events behind is ended (it resumes by id)."""
@@ -68,11 +75,24 @@ class Subscriber:
         # Only what it does not have yet counts (a re-read batch may overlap what it sent).
         self.pending_events += max(0, batch.last_id - max(self.last_sent, batch.first_id - 1))
         if self.pending_events > limit:
-            self.pending = []
-            self.end("overflow")
-            # A client that stopped reading leaves its stream blocked in a write: cut it loose.
-            gevent.spawn_later(OVERFLOW_GRACE, self._abort)
+            self._overflow()
         self.wake.set()
+
+    def deliver_delta(self, delta: Delta, limit: int) -> None:
+        """Queue a reply delta in order with the batches; it counts as one event towards `limit`."""
+        if self.end_reason is not None:
+            return
+        self.pending.append(delta)
+        self.pending_events += 1
+        if self.pending_events > limit:
+            self._overflow()
+        self.wake.set()
+
+    def _overflow(self) -> None:
+        self.pending = []
+        self.end("overflow")
+        # A client that stopped reading leaves its stream blocked in a write: cut it loose.
+        gevent.spawn_later(OVERFLOW_GRACE, self._abort)
 
     def write_now(self, batch: Batch) -> None:
         """Send the batch straight to the socket; what does not fit goes to the stream's greenlet."""
@@ -85,6 +105,22 @@ class Subscriber:
             self.end("disconnected")
             return
         self.last_sent = batch.last_id
+        self.last_write = time.monotonic()
+        if written < len(data):
+            self.outbuf = data[written:]
+            self.busy = True
+            self.wake.set()
+
+    def write_chunk(self, data: bytes) -> None:
+        """Send an HTTP chunk that holds no event (a reply delta) as write_now sends a batch."""
+        # write_now's body again rather than a call from it: it runs once per stream per batch.
+        try:
+            written = os.write(self.fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            self.end("disconnected")
+            return
         self.last_write = time.monotonic()
         if written < len(data):
             self.outbuf = data[written:]

@@ -135,7 +135,8 @@ class RunStore:
     def emit(self, cid: str, token: str, cause: int, step: int, fields: dict[str, Any], *, source: str,
              state: str = "", ends_reply: bool = False) -> tuple[int, bool]:
         """Store step `step` of the run answering `cause`, once; (its event id, whether it was stored before)."""
-        body = orjson.dumps({"timestamp": now_iso(), "source": source, **fields, "cause": cause})
+        event = {"timestamp": now_iso(), "source": source, "type": fields["type"], "cause": cause}
+        body = orjson.dumps({**event, **fields, "cause": cause})
         keys = [conv_meta_key(cid), conv_events_key(cid), conv_run_key(cid), conv_channel(cid), conv_reply_key(cid)]
         args = [token, cause, step, body[1:], self.store.retention, self.store.publish, state,
                 "1" if ends_reply else ""]

@@ -117,46 +117,29 @@ class Worker:
             self.stopping.wait(backoff)
             backoff = min(backoff * 2, 2.0)
 
-    def _take_slots(self, blocking: bool) -> int:
-        """Take as many free run slots as there are (at least one when blocking); how many."""
-        if not self.slots.acquire(blocking=blocking, timeout=BLOCK_MS / 1000 if blocking else None):
-            return 0
-        taken = 1
-        while taken < BATCH and self.slots.acquire(blocking=False):
-            taken += 1
-        return taken
-
-    def _give_slots(self, count: int) -> None:
-        for _ in range(count):
-            self.slots.release()
+    def _free_slots(self, wait: bool) -> int:
+        """How many runs could start now (waiting up to a read's block time for one, if `wait`)."""
+        if wait and not self.slots.counter:
+            self.slots.wait(timeout=BLOCK_MS / 1000)
+        return min(self.slots.counter, BATCH)
 
     def _read_loop(self, shard: int) -> None:
+        # Reads no more than the free slots; several shards may read for the same slots, so an
+        # entry read may wait in its handler for a slot (held, and touched, meanwhile).
         while not self.stopping.is_set():
-            free = self._take_slots(blocking=True)
+            free = self._free_slots(wait=True)
             if not free:
                 continue
-            try:
-                work = self.runs.read_work(self.reader, shard, self.consumer, free, BLOCK_MS)
-            except BaseException:
-                self._give_slots(free)
-                raise
-            self._give_slots(free - len(work))
-            for entry, cid in work:
+            for entry, cid in self.runs.read_work(self.reader, shard, self.consumer, free, BLOCK_MS):
                 self._spawn(shard, entry, cid, claimed=False)
 
     def _claim_loop(self) -> None:
         while not self.stopping.wait(max(self.claim_idle_ms / 2000, 0.1)):
             for shard in range(self.runs.shards):
-                free = self._take_slots(blocking=False)
+                free = self._free_slots(wait=False)
                 if not free:
                     break
-                try:
-                    work = self.runs.claim_idle(shard, self.consumer, self.claim_idle_ms, free)
-                except BaseException:
-                    self._give_slots(free)
-                    raise
-                self._give_slots(free - len(work))
-                for entry, cid in work:
+                for entry, cid in self.runs.claim_idle(shard, self.consumer, self.claim_idle_ms, free):
                     log.info("agent: took over conversation %s (entry %s of shard %d)", cid, entry.decode(), shard)
                     self._spawn(shard, entry, cid, claimed=True)
 
@@ -198,6 +181,7 @@ class Worker:
     def _handle(self, shard: int, entry: bytes, cid: str, claimed: bool) -> None:
         """Answer what the conversation has queued; acknowledge the entry once nothing is left."""
         done = False
+        self.slots.acquire()
         try:
             done = self._answer(cid, claimed)
         except redis.RedisError as err:

@@ -8,10 +8,11 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from .. import sse, stream, validation
+from .. import replies, sse, stream, validation
 from ..auth import authenticate_with, current_caller, self_authenticating
 from ..errors import BadRequest, NotFound, ServiceUnavailable, TooManyRequests
 from ..hub import Hub, HubUnavailable, gevent_ready
+from ..keys import conv_reply_key
 from ..store import CONVERSATION_ID, MAX_EVENT_ID, Store, conv_events_key, conv_meta_key, entry_id, event_id_of
 from ..subscriber import Subscriber
 from . import get_store
@@ -77,8 +78,8 @@ def _chunked_plain_http(environ: dict, sock: object) -> bool:
 
 
 def _owner(reply: list[bytes | None]) -> str | None:
-    """The owner in the reply to the read of a conversation's owner (as Store.conversation_owner), None if none."""
-    owner, pending = reply
+    """The owner in the reply to the read of a conversation's meta (as Store.conversation_owner), None if none."""
+    owner, pending, _agent_state = reply
     return owner.decode() if owner is not None and pending is None else None
 
 
@@ -111,16 +112,20 @@ def stream_events(cid: str) -> Response:
     # stream registers (when `gapless` says nothing can fall between the two).
     conv = stream.followed(_running_hub(), cid) if known and request.method == "GET" else None
     prefetch = conv is not None and latest < MAX_EVENT_ID
+    # Reply deltas the hub hands out from now on may fall between the reply read below and the
+    # stream's registration: then the reply is read again after it (see `caught_up`).
+    deltas_before = conv.deltas if conv is not None else 0
 
     def reads(pipe: Any) -> None:
         if known:
-            pipe.hmget(conv_meta_key(cid), "owner", "pending")
+            pipe.hmget(conv_meta_key(cid), "owner", "pending", "agent_state")
         if prefetch:
             pipe.xrange(conv_events_key(cid), min=entry_id(latest + 1), max="+", count=PREFETCH)
+            pipe.get(conv_reply_key(cid))  # after the XRANGE: as of the same moment (stream.read_page_and_reply)
 
     # The key's record, the conversation's owner (and what is stored) in one round trip, checked in that order.
-    caller, replies = authenticate_with(reads)
-    if (_owner(replies[0]) if known else None) != caller.user_id:
+    caller, answers = authenticate_with(reads)
+    if (_owner(answers[0]) if known else None) != caller.user_id:
         raise NotFound("no such conversation")
     if request.method == "HEAD":  # the headers a GET would get, and no stream behind them
         return Response(headers=STREAM_HEADERS)
@@ -132,11 +137,12 @@ def stream_events(cid: str) -> Response:
         "conversation_id": cid,
         "latest_event_id": latest,
         "providers_set": providers,
+        "agent_state": answers[0][2].decode() if answers[0][2] is not None else None,
     })
     sock = request.environ.get("gunicorn.socket")
     # The stream resumes after the last event it has sent: the client's id, or the last one read above.
     resume = latest
-    page = _stored(replies[1]) if prefetch else []
+    page = _stored(answers[1]) if prefetch else []
     if page:
         opening += stream.page_frames(latest, page)
         resume = page[-1][0]
@@ -155,7 +161,11 @@ def stream_events(cid: str) -> Response:
         if hub.closing:  # began to exit while the slot was taken
             return Response(stream.stored_then_end(store, sub, opening), headers=STREAM_HEADERS)
         raise ServiceUnavailable(str(err), headers={"Retry-After": "1"}) from None
-    # A full page may have more behind it: then the store is read on from its last event.
-    caught_up = prefetch and len(replies[1]) < PREFETCH and stream.gapless(hub, conv, resume)
+    # A full page may have more behind it: then the store is read on from its last event (and the
+    # reply in progress after it), as when a delta was handed out while this stream registered.
+    caught_up = prefetch and len(answers[1]) < PREFETCH and stream.gapless(hub, conv, resume) \
+        and conv.deltas == deltas_before
+    if caught_up:
+        opening += replies.snapshot(sub, answers[2])
     body = stream.stream(hub, store, sub, opening, config["SSE_HEARTBEAT_SECONDS"], caught_up=caught_up)
     return Response(body, headers=STREAM_HEADERS)
