@@ -89,6 +89,42 @@ def start_embedded_redis() -> subprocess.Popen | None:
     return proc
 
 
+class AgentWorkers:
+    """The agent workers beside gunicorn (AGENT_WORKERS of them; 0: none), restarted if one dies."""
+
+    def __init__(self, env: dict[str, str]):
+        raw = env.get("AGENT_WORKERS", "").strip() or "1"
+        self.count = int(raw) if raw.isdigit() else 1  # the worker itself says what is wrong with a bad value
+        self.env = env
+        self.procs: list[subprocess.Popen | None] = [None] * self.count
+        self.started = [0.0] * self.count
+        if self.count:
+            say(f"{self.count} agent worker(s) (AGENT={env.get('AGENT') or 'auto'}; AGENT_WORKERS=0: none)")
+
+    def keep_running(self) -> None:
+        """Start the workers not running (one that died is restarted, at most every 5 s)."""
+        for i, proc in enumerate(self.procs):
+            if proc is not None and proc.poll() is None:
+                continue
+            if proc is not None:
+                if time.monotonic() - self.started[i] < 5:
+                    continue
+                say(f"agent worker {i} exited with {proc.returncode}; starting it again")
+            self.started[i] = time.monotonic()
+            self.procs[i] = subprocess.Popen([str(PY), "-m", "app.agent", "run"], cwd=ROOT, env=self.env)
+
+    def stop(self) -> None:
+        """TERM every worker (their runs going are handed over), then wait for them."""
+        live = [p for p in self.procs if p is not None and p.poll() is None]
+        for proc in live:
+            proc.terminate()
+        for proc in live:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def serve() -> int:
     """Run gunicorn (gevent workers) in the foreground until Ctrl-C or SIGTERM."""
     env = dict(os.environ)
@@ -101,13 +137,18 @@ def serve() -> int:
     say("create an API key in another shell:  .venv/bin/flask --app wsgi keys create alice")
     gunicorn = subprocess.Popen([str(VENV / "bin" / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
                                 cwd=ROOT, env=env)
+    agents = AgentWorkers(env)
     signal.signal(signal.SIGTERM, lambda *_: gunicorn.terminate())
     try:
-        code = gunicorn.wait()
+        while (code := gunicorn.poll()) is None:
+            agents.keep_running()
+            time.sleep(0.5)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         gunicorn.terminate()
         code = gunicorn.wait()
     finally:
+        agents.stop()
         if redis_proc is not None:
             say("stopping embedded Redis")
             redis_proc.terminate()
