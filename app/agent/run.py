@@ -54,14 +54,14 @@ def checked(event: Any, max_bytes: int) -> dict[str, Any]:
         raise AgentError("the agent yielded an event without a valid type")
     for field, expected in REQUIRED.get(kind, {}).items():
         if not isinstance(event.get(field), expected):
-            raise AgentError(f"the agent yielded a {kind} without a {expected.__name__} '{field}'")
+            raise AgentError(f"the agent yielded a {kind} event without a {expected.__name__} '{field}'")
     fields = {k: v for k, v in event.items() if k not in RESERVED}
     try:
         size = len(orjson.dumps(fields))
     except (orjson.JSONEncodeError, TypeError):
-        raise AgentError(f"the agent yielded a {kind} that is not JSON") from None
+        raise AgentError(f"the agent yielded a {kind} event that is not JSON") from None
     if size > max_bytes:
-        raise AgentError(f"the agent yielded a {kind} of {size} bytes (more than MAX_EVENT_BYTES, {max_bytes})")
+        raise AgentError(f"the agent yielded a {kind} event of {size} bytes (more than MAX_EVENT_BYTES, {max_bytes})")
     return fields
 
 
