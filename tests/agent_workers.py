@@ -16,7 +16,9 @@ class AgentWorker:
     def __init__(self, redis_url: str, log_path: Path, agent: str = "tests.agents:ScriptedAgent",
                  concurrency: int = 8, **env: str):
         self.log_path = log_path
-        self.argv = [sys.executable, "-m", "app.agent", "run", "--agent", agent, "--concurrency", str(concurrency)]
+        self.argv = [sys.executable, "-m", "app.agent", "run", "--concurrency", str(concurrency)]
+        if "AGENT" not in env:  # the setting chooses the agent when given; else the scripted one
+            self.argv += ["--agent", agent]
         self.env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT), "AGENT_CLAIM_IDLE_SECONDS": "1",
                     **{k: str(v) for k, v in env.items()}}
         self.proc: subprocess.Popen | None = None
