@@ -101,6 +101,9 @@ class Run:
                 more = self._run(claim)
                 if not more or self.cancelled == "shutdown":
                     break
+                if self.worker.stopping.is_set():  # warm shutdown: the next message is another worker's
+                    self._let_go()
+                    return False
                 claim = self.runs.acquire(self.cid, token)
         except (ConversationGone, LeaseLost, RunEnded) as err:
             log.info("agent: conversation %s: %s", self.cid, type(err).__name__)
@@ -206,6 +209,8 @@ class Run:
         try:
             for event in self.worker.agent.run(conversation, history, action) or ():
                 out.put(event)
+                # An agent that never blocks still lets the worker breathe (heartbeat, stop) at each event.
+                gevent.sleep(0)
             out.put(_END)
         except gevent.GreenletExit:
             raise
