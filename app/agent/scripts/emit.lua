@@ -7,8 +7,8 @@
 -- {-5} that run has ended already.
 local m = redis.call('HMGET', KEYS[1], 'owner', 'agent_lease', 'agent_done')
 if not m[1] then return {-1} end
-if m[2] ~= ARGV[1] then return {-3} end
 if m[3] and tonumber(m[3]) >= tonumber(ARGV[2]) then return {-5} end
+if m[2] ~= ARGV[1] then return {-3} end
 local run = redis.call('HMGET', KEYS[3], 'cause', 'last')
 local last = 0
 if run[1] == ARGV[2] then
