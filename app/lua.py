@@ -7,7 +7,7 @@
 # Idempotency-Key ('' for none), its TTL, body digest, the publish command (PUBLISH, or SPUBLISH on
 # a Redis 7 Cluster; '' when the caller announces it itself, once replicated), what it is to the
 # agents ('message': queued for an answer and the work shard told, in the same step; 'stop': ends
-# the run going, if one is; ''), the conversation id. The
+# the run going, if one is: while a worker holds the conversation's lease; ''), the conversation id. The
 # event is announced in the same step as it is stored, so every hub following the conversation
 # hears of it; a hub that missed it reads the stream. A retry of the same call after a lost
 # reply is answered from the record, so only an append made without a key can be stored twice,
@@ -55,9 +55,10 @@ if ARGV[8] == 'message' then
   redis.call('RPUSH', KEYS[6], id)
   redis.call('HDEL', KEYS[1], 'agent_paused')  -- a stopped conversation answers again, queue first
   if KEYS[7] then redis.call('XADD', KEYS[7], '*', 'c', ARGV[9]) end
-elseif ARGV[8] == 'stop' and redis.call('LLEN', KEYS[6]) > 0
-    and redis.call('HEXISTS', KEYS[1], 'agent_paused') == 0 then
-  redis.call('HSET', KEYS[1], 'agent_stop', id)  -- the worker that runs it sees this within its heartbeat
+elseif ARGV[8] == 'stop' and redis.call('HEXISTS', KEYS[1], 'agent_lease') == 1 then
+  -- A run is going (a worker holds the conversation): it sees this within its heartbeat. With
+  -- none going (idle, stopped, or a message queued that no worker took yet) nothing changes.
+  redis.call('HSET', KEYS[1], 'agent_stop', id)
 end
 return {n}
 """

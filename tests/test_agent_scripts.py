@@ -6,7 +6,7 @@ import json
 import pytest
 
 from app.agent.runs import Claim, ConversationGone, LeaseLost, RunEnded, RunStore
-from app.keys import conv_inbox_key, conv_meta_key, conv_reply_key
+from app.keys import agent_shard, conv_inbox_key, conv_meta_key, conv_reply_key
 
 
 @pytest.fixture()
@@ -108,8 +108,8 @@ def test_deltas_build_the_reply_once_per_offset_and_the_message_ends_it(runs, st
     assert runs.delta(cid, "t1", 0, 0, 0, "héllo ") is False  # re-sent: already there
     assert runs.delta(cid, "t1", 0, 6, 7, "world") is True  # offsets: 6 characters, 7 bytes
     assert store.redis.get(conv_reply_key(cid)).decode() == "0:héllo world"
-    with pytest.raises(RuntimeError):
-        runs.delta(cid, "t1", 0, 40, 40, "gap")
+    assert runs.delta(cid, "t1", 0, 40, 40, "gap") is False  # a gap (a run taken over mid-reply): skipped
+    assert store.redis.get(conv_reply_key(cid)).decode() == "0:héllo world"
     runs.emit(cid, "t1", 0, 1, {"type": "agent_message", "content": "héllo world"}, source="agent", ends_reply=True)
     assert store.redis.exists(conv_reply_key(cid)) == 0
 
@@ -117,12 +117,15 @@ def test_deltas_build_the_reply_once_per_offset_and_the_message_ends_it(runs, st
 def test_a_stop_marks_only_a_run_going_and_pauses_the_queue(runs, store):
     cid = conversation(store)
     post = lambda fields, kind: store.append_event("alice", cid, fields, source="user", agent_kind=kind)[0]  # noqa: E731
+    post({"type": "stop"}, "stop")  # message 0 is queued, but no worker has taken it: no run is going
+    assert store.redis.hget(conv_meta_key(cid), "agent_stop") is None
+    claim = runs.acquire(cid, "t1")
+    assert claim.cause == 0 and not claim.stop
+    runs.emit(cid, "t1", 0, 1, {"type": "agent_state_changed", "agent_state": "running"}, source="agent")
     queued = post({"type": "user_message", "content": "queued"}, "message")
     stop = post({"type": "stop"}, "stop")
     assert int(store.redis.hget(conv_meta_key(cid), "agent_stop")) == stop
-    claim = runs.acquire(cid, "t1")
-    assert claim.cause == 0 and claim.stop
-    runs.emit(cid, "t1", 0, 1, {"type": "agent_state_changed", "agent_state": "running"}, source="agent")
+    assert runs.renew([(cid, "t1")]) == [(1, True)]  # the heartbeat learns it
     assert runs.finish(cid, "t1", 0, 2, "awaiting_user_input") == (False, "stopped")  # the stop wins
     assert runs.acquire(cid, "t2") == "paused"
     post({"type": "stop"}, "stop")  # with no run going: stored, changes nothing
@@ -131,6 +134,38 @@ def test_a_stop_marks_only_a_run_going_and_pauses_the_queue(runs, store):
     claim = runs.acquire(cid, "t2")
     assert claim.cause == queued and not claim.stop  # the queue first, then `later`
     assert store.redis.lrange(conv_inbox_key(cid), 0, -1) == [str(queued).encode(), str(later).encode()]
+
+
+def test_a_message_posted_after_the_stop_is_not_held_back(runs, store):
+    cid = conversation(store)
+    post = lambda fields, kind: store.append_event("alice", cid, fields, source="user", agent_kind=kind)[0]  # noqa: E731
+    runs.acquire(cid, "t1")
+    post({"type": "stop"}, "stop")
+    after = post({"type": "user_message", "content": "right after the stop"}, "message")
+    assert runs.finish(cid, "t1", 0, 1, "awaiting_user_input") == (True, "stopped")  # more: the lease kept
+    assert runs.acquire(cid, "t1").cause == after
+
+
+def test_a_run_that_fails_while_a_stop_is_asked_is_an_error_and_holds_nothing_back(runs, store):
+    cid = conversation(store)
+    post = lambda fields, kind: store.append_event("alice", cid, fields, source="user", agent_kind=kind)[0]  # noqa: E731
+    runs.acquire(cid, "t1")
+    queued = post({"type": "user_message", "content": "queued"}, "message")
+    post({"type": "stop"}, "stop")
+    assert runs.finish(cid, "t1", 0, 1, "error") == (True, "error")
+    assert runs.acquire(cid, "t1").cause == queued
+
+
+def test_touch_leaves_an_entry_another_consumer_claimed_to_them(runs, store, redis_client):
+    runs.ensure_groups()
+    cid = conversation(store)
+    shard = agent_shard(cid, runs.shards)
+    [(entry, _cid)] = runs.read_work(store.redis, shard, "a", 10, 0)
+    _cursor, work = runs.claim_idle(shard, "b", 0, 10)
+    assert [e for e, _ in work] == [entry]
+    assert runs.touch(shard, "a", [entry]) == 0  # woken after b took it: a takes nothing back
+    assert runs.touch(shard, "b", [entry]) == 1
+    assert redis_client.xpending_range(f"agent:work:{{{shard}}}", "agents", "-", "+", 10)[0]["consumer"] == b"b"
 
 
 def test_a_replayed_message_post_queues_nothing_twice(store):

@@ -30,7 +30,8 @@ def chat_messages(conversation: Conversation, history: list[dict[str, Any]],
     turns: list[dict[str, str]] = []
     for event in events:
         kind = event.get("type") or event.get("action")
-        if kind == "agent_message" and isinstance(event.get("content"), str):
+        if kind == "agent_message" and event.get("source") == "agent" and isinstance(event.get("content"), str):
+            # (a user may post an event of type agent_message: it is not the model's own turn)
             turn = {"role": "assistant", "content": event["content"]}
         elif kind in ("user_message", "message"):
             # OpenHands' `message` action is also what its agent says, told apart by source

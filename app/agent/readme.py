@@ -51,6 +51,11 @@ PROBLEMS = {
 }
 
 
+# What a clone keeps of the worker's environment: where git and ssh are, their own settings, proxies.
+GIT_ENVIRONMENT = ("PATH", "HOME", "USER", "TMPDIR", "GIT_SSH", "GIT_SSH_COMMAND", "GIT_CONFIG_GLOBAL",
+                   "GIT_CONFIG_NOSYSTEM", "SSH_AUTH_SOCK", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
+                   "https_proxy", "no_proxy", "GIT_SSL_CAINFO", "SSL_CERT_FILE", "SSL_CERT_DIR")
+
 def message(content: str) -> dict[str, Any]:
     """An agent_message event."""
     return {"type": "agent_message", "content": content}
@@ -127,7 +132,10 @@ def git_clone(base: str, repository: str, branch: str | None, dest: str, timeout
     if branch:
         args.append(f"--branch={branch}")  # one argument: a branch named like an option stays a branch
     args += ["--", url, tmp]
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+    # Only what git needs: the worker's environment holds secrets (the LLM key, Redis password,
+    # SECRET_KEY) that a git helper or a hostile server-side hook output must never see.
+    env = {name: os.environ[name] for name in GIT_ENVIRONMENT if name in os.environ}
+    env.update(GIT_TERMINAL_PROMPT="0", LC_ALL="C")
     if "GIT_SSH" not in env and "GIT_SSH_COMMAND" not in env:
         env["GIT_SSH_COMMAND"] = "ssh -o BatchMode=yes"  # ssh must not ask for a password either
     proc = None

@@ -11,6 +11,7 @@ import secrets
 from typing import TYPE_CHECKING, Any
 
 import gevent
+import gevent.event
 import gevent.queue
 import orjson
 
@@ -76,6 +77,7 @@ class Run:
         self.queue: gevent.queue.Queue = gevent.queue.Queue()
         self.agent_greenlet: gevent.Greenlet | None = None
         self.cancelled: str | None = None
+        self.ended = gevent.event.Event()  # set when this worker stops answering the conversation
 
     def cancel(self, reason: str) -> None:
         """End the run going (from the heartbeat or the shutdown): its agent is killed, the run ends."""
@@ -85,39 +87,48 @@ class Run:
             self.agent_greenlet.kill(block=False)
         self.queue.put(_WAKE)
 
-    def answer_queue(self, claimed: bool) -> bool:
-        """Take the lease and answer every queued message; whether the work entry is done with."""
+    def answer_queue(self) -> str:
+        """Take the lease and answer every queued message; what becomes of the work entry.
+
+        'done': nothing is queued (or the conversation is gone): acknowledge it. 'keep': leave it
+        pending, to be looked at again once idle (another worker holds the lease, or took it from
+        this one). 'handover': shutting down with the lease let go: re-queue it at once.
+        """
         token = secrets.token_hex(8)
         claim = self.runs.acquire(self.cid, token)
         if claim == "busy":
-            # A live worker answers it, or a dead one's lease has not run out yet: a claimed entry
-            # stays to be looked at again (once idle), a new one is done (the holder sees it queued).
-            return not claimed
+            # A live worker answers what is queued before it lets go, or a dead one's lease has not
+            # run out yet: either way this entry is looked at again once idle, never dropped.
+            return "keep"
         if not isinstance(claim, Claim):
-            return True  # gone, idle or paused
+            return "done"  # gone, idle or paused (the next message posted brings its own entry)
         self.token = token
         try:
             while isinstance(claim, Claim):
                 more = self._run(claim)
-                if not more or self.cancelled == "shutdown":
+                if self.cancelled == "shutdown":
+                    return self._let_go()
+                if not more:
                     break
                 if self.worker.stopping.is_set():  # warm shutdown: the next message is another worker's
-                    self._let_go()
-                    return False
+                    return self._let_go()
                 claim = self.runs.acquire(self.cid, token)
-        except (ConversationGone, LeaseLost, RunEnded) as err:
+        except ConversationGone:
+            return "done"
+        except (LeaseLost, RunEnded) as err:
+            # Another worker holds the conversation now and answers it: its entry is theirs to end.
             log.info("agent: conversation %s: %s", self.cid, type(err).__name__)
-            return True
-        if self.cancelled == "shutdown":
-            self._let_go()
-            return False
-        return True
+            return "keep"
+        return "done"
 
-    def _let_go(self) -> None:
+    def _let_go(self) -> str:
+        """Give the lease up (shutting down): 'handover' if it is let go, else 'keep' (it runs out)."""
         try:
             self.runs.release(self.cid, self.token)
-        except Exception:  # noqa: BLE001 - the lease runs out by itself
+            return "handover"
+        except Exception:  # noqa: BLE001 - the lease runs out by itself; the entry is claimed then
             log.warning("agent: could not release the lease of %s", self.cid)
+            return "keep"
 
     # One run -------------------------------------------------------------------------------
 
@@ -125,6 +136,7 @@ class Run:
         """Answer message `claim.cause`; whether more is queued."""
         cause = claim.cause
         self.step = 0  # steps already written (claim.steps_written) are sent again and skipped by the script
+        self.replaying = claim.steps_written
         if self.cancelled != "shutdown":
             self.cancelled = "stop" if claim.stop else None
         action = claim.history[-1] if claim.history and claim.history[-1].get("id") == cause else \
@@ -181,6 +193,8 @@ class Run:
                 kind = fields["type"]
                 if kind == "agent_message_delta":
                     text = fields["text"]
+                    if self.step < self.replaying:
+                        continue  # a run taken over: the reply these bits make up is stored already
                     self.runs.delta(self.cid, self.token, cause, reply_chars, reply_bytes, text)
                     reply_chars += len(text)
                     reply_bytes += len(text.encode())

@@ -102,7 +102,7 @@ class RunStore:
         self.history = history
         self.shards = store.agent_shards
         self._scripts = {name: self.redis.register_script(script_source(name))
-                         for name in ("acquire", "emit", "finish", "renew", "release", "delta")}
+                         for name in ("acquire", "emit", "finish", "renew", "release", "delta", "touch")}
 
     # Runs ----------------------------------------------------------------------------------
 
@@ -144,12 +144,16 @@ class RunStore:
         return _result(reply), bool(int(reply[1]))
 
     def delta(self, cid: str, token: str, cause: int, offset: int, byte_offset: int, text: str) -> bool:
-        """Publish a live bit of the reply (not stored as an event); False when it was sent before."""
+        """Publish a live bit of the reply (not stored as an event); False when it was not (sent before, or a gap).
+
+        A gap (the reply so far is shorter than `byte_offset`) is a run taken over mid-reply whose
+        new attempt cuts its bits elsewhere: the bit is skipped, the stored message replaces all.
+        """
         data = orjson.dumps({"cause": cause, "offset": offset, "text": text})
         keys = [conv_meta_key(cid), conv_reply_key(cid), conv_channel(cid)]
         args = [token, cause, byte_offset, text, data, self.store.publish, REPLY_TTL]
         reply = resend(lambda: self._scripts["delta"](keys=keys, args=args))
-        return _result([reply]) == 1
+        return reply != -4 and _result([reply]) == 1
 
     def finish(self, cid: str, token: str, cause: int, step: int, state: str) -> tuple[bool, str]:
         """End the run: its last state event; (whether more is queued and the lease still ours, the state written)."""
@@ -196,14 +200,19 @@ class RunStore:
         reply = client.xreadgroup(AGENT_GROUP, consumer, {agent_work_key(shard): ">"}, count=count, block=block_ms)
         return self._work(reply[0][1]) if reply else []
 
-    def claim_idle(self, shard: int, consumer: str, idle_ms: int, count: int) -> list[tuple[bytes, str]]:
-        """Work entries another consumer took and has not touched for `idle_ms` (it died): now ours."""
-        reply = self.redis.xautoclaim(agent_work_key(shard), AGENT_GROUP, consumer, idle_ms, "0-0", count=count)
-        return self._work(reply[1])
+    def claim_idle(self, shard: int, consumer: str, idle_ms: int, count: int,
+                   cursor: bytes = b"0-0") -> tuple[bytes, list[tuple[bytes, str]]]:
+        """Work entries another consumer took and has not touched for `idle_ms` (it died): now ours.
 
-    def touch(self, shard: int, consumer: str, entries: list[bytes]) -> None:
-        """Reset the idle time of entries this consumer is working on, so nobody claims them."""
-        self.redis.xclaim(agent_work_key(shard), AGENT_GROUP, consumer, 0, entries, justid=True)
+        Redis looks at no more than 10 x `count` pending entries per call: the cursor it gives back
+        goes on from there next time, so idle entries behind many live ones are reached too.
+        """
+        reply = self.redis.xautoclaim(agent_work_key(shard), AGENT_GROUP, consumer, idle_ms, cursor, count=count)
+        return reply[0], self._work(reply[1])
+
+    def touch(self, shard: int, consumer: str, entries: list[bytes]) -> int:
+        """Reset the idle time of entries this consumer still holds (not one claimed by another since)."""
+        return int(self._scripts["touch"](keys=[agent_work_key(shard)], args=[consumer, *entries]))
 
     def done(self, shard: int, entries: list[bytes]) -> None:
         """Acknowledge and delete work entries (the shard holds only work not done)."""

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 BLOCK_MS = 1000
 SHUTDOWN_GRACE = 10.0
 BATCH = 64  # most work entries read at once per shard
+HELD_PER_SLOT = 4
 
 
 class Worker:
@@ -45,16 +46,19 @@ class Worker:
         self.agent = agent
         self.concurrency = concurrency
         self.claim_idle_ms = int(claim_idle * 1000)
-        # The lease outlives a stalled heartbeat for as long as an entry may stay unclaimed.
-        self.runs = RunStore(store, lease_ms=self.claim_idle_ms, history=config["AGENT_HISTORY_EVENTS"])
-        self.heartbeat = min(0.25, claim_idle / 4)
+        # Entries are touched and leases renewed on the same tick; the lease is the shorter, so the
+        # moment a dead worker's entry may be claimed its lease has run out.
+        self.runs = RunStore(store, lease_ms=int(self.claim_idle_ms * 0.8), history=config["AGENT_HISTORY_EVENTS"])
+        self.heartbeat = min(0.25, claim_idle / 5)
         self.step_timeout = config["AGENT_STEP_TIMEOUT_SECONDS"]
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.slots = gevent.lock.BoundedSemaphore(concurrency)
         # Blocking reads hold a connection each: a client of their own, one connection per shard.
         self.reader = make_client(config["REDIS_URL"], self.runs.shards + 2, BLOCK_MS / 1000 + 5)
         self.active: dict[str, Run] = {}  # conversation id -> its run going here
-        self.entries: dict[int, dict[bytes, str]] = {s: {} for s in range(self.runs.shards)}  # held, not done
+        self.entries: dict[int, dict[bytes, str]] = {s: {} for s in range(self.runs.shards)}  # held, touched
+        self.handover: dict[int, dict[bytes, str]] = {s: {} for s in range(self.runs.shards)}  # let go: re-queue
+        self.claim_cursor = [b"0-0"] * self.runs.shards
         self.stopping = gevent.event.Event()
         self.handlers: set[gevent.Greenlet] = set()
         self.handled = 0
@@ -70,7 +74,9 @@ class Worker:
         loops += [gevent.spawn(self._forever, "claim", self._claim_loop),
                   gevent.spawn(self._forever, "heartbeat", self._heartbeat_loop)]
         self.stopping.wait()
-        gevent.killall([g for g in loops if g is not loops[-1]], timeout=BLOCK_MS / 1000 + 1)
+        # The read loops end by themselves within a read's block time: killed in the middle of an
+        # XREADGROUP, what Redis delivered would be pending here and known to no handler.
+        gevent.joinall(loops[:-1], timeout=BLOCK_MS / 1000 + 2)
         gevent.joinall(list(self.handlers), timeout=SHUTDOWN_GRACE if not self.cold else 0)
         self._hand_over()
         loops[-1].kill()
@@ -118,10 +124,17 @@ class Worker:
             backoff = min(backoff * 2, 2.0)
 
     def _free_slots(self, wait: bool) -> int:
-        """How many runs could start now (waiting up to a read's block time for one, if `wait`)."""
+        """How many more entries to take now: free run slots, within what this worker may hold at once.
+
+        Entries of a conversation already running here wait without a slot (and are touched every
+        tick): HELD_PER_SLOT x AGENT_CONCURRENCY bounds them.
+        """
         if wait and not self.slots.counter:
             self.slots.wait(timeout=BLOCK_MS / 1000)
-        return min(self.slots.counter, BATCH)
+        room = self.concurrency * HELD_PER_SLOT - sum(len(held) for held in self.entries.values())
+        if wait and room <= 0:
+            self.stopping.wait(self.heartbeat)
+        return max(0, min(self.slots.counter, BATCH, room))
 
     def _read_loop(self, shard: int) -> None:
         # Reads no more than the free slots; several shards may read for the same slots, so an
@@ -131,7 +144,7 @@ class Worker:
             if not free:
                 continue
             for entry, cid in self.runs.read_work(self.reader, shard, self.consumer, free, BLOCK_MS):
-                self._spawn(shard, entry, cid, claimed=False)
+                self._spawn(shard, entry, cid)
 
     def _claim_loop(self) -> None:
         while not self.stopping.wait(max(self.claim_idle_ms / 2000, 0.1)):
@@ -139,15 +152,16 @@ class Worker:
                 free = self._free_slots(wait=False)
                 if not free:
                     break
-                for entry, cid in self.runs.claim_idle(shard, self.consumer, self.claim_idle_ms, free):
+                cursor, work = self.runs.claim_idle(shard, self.consumer, self.claim_idle_ms, free,
+                                                    self.claim_cursor[shard])
+                self.claim_cursor[shard] = cursor
+                for entry, cid in work:
                     log.info("agent: took over conversation %s (entry %s of shard %d)", cid, entry.decode(), shard)
-                    self._spawn(shard, entry, cid, claimed=True)
+                    self._spawn(shard, entry, cid)
 
     def _heartbeat_loop(self) -> None:
-        ticks = 0
         while True:
             gevent.sleep(self.heartbeat)
-            ticks += 1
             runs = [run for run in self.active.values() if run.token]
             if runs:
                 try:
@@ -162,28 +176,33 @@ class Worker:
                         run.cancel("lost")
                     elif stop:
                         run.cancel("stop")
-            if ticks % 4 == 0:
-                for shard, held_entries in self.entries.items():
-                    if held_entries:
-                        try:
-                            self.runs.touch(shard, self.consumer, list(held_entries))
-                        except redis.RedisError as err:
-                            log.warning("agent heartbeat: touching entries failed (%s)", type(err).__name__)
+            # On the same tick as the renewals (see the lease's length).
+            for shard, held_entries in self.entries.items():
+                if held_entries:
+                    try:
+                        self.runs.touch(shard, self.consumer, list(held_entries))
+                    except redis.RedisError as err:
+                        log.warning("agent heartbeat: touching entries failed (%s)", type(err).__name__)
 
     # Work entries --------------------------------------------------------------------------
 
-    def _spawn(self, shard: int, entry: bytes, cid: str, claimed: bool) -> None:
+    def _spawn(self, shard: int, entry: bytes, cid: str) -> None:
         self.entries[shard][entry] = cid
-        handler = gevent.spawn(self._handle, shard, entry, cid, claimed)
+        handler = gevent.spawn(self._handle, shard, entry, cid)
         self.handlers.add(handler)
         handler.link(lambda g: self.handlers.discard(g))
 
-    def _handle(self, shard: int, entry: bytes, cid: str, claimed: bool) -> None:
+    def _handle(self, shard: int, entry: bytes, cid: str) -> None:
         """Answer what the conversation has queued; acknowledge the entry once nothing is left."""
-        done = False
-        self.slots.acquire()
+        outcome = "keep"
         try:
-            done = self._answer(cid, claimed)
+            local = self.active.get(cid)
+            if local is not None:
+                # Its run here may end without seeing this entry's message (it was posted just as
+                # the run let go): look again once it ended, through the lease like anyone else.
+                local.ended.wait()
+            with self.slots:
+                outcome = self._answer(cid)
         except redis.RedisError as err:
             # Whether it ran or not, the entry stays: claimed again once idle, the steps written kept.
             log.warning("agent: conversation %s left for later (%s)", cid, type(err).__name__)
@@ -191,41 +210,42 @@ class Worker:
             log.exception("agent: conversation %s failed; left for another try", cid)
         finally:
             self.handled += 1
-            if done:
+            self.entries[shard].pop(entry, None)
+            if outcome == "done":
                 try:
                     self.runs.done(shard, [entry])
                 except redis.RedisError as err:
                     log.warning("agent: could not acknowledge entry %s (%s); it will be looked at again",
                                 entry.decode(), type(err).__name__)
-                    done = False
-            if done or not self.stopping.is_set():
-                self.entries[shard].pop(entry, None)
-            self.slots.release()
+            elif outcome == "handover":
+                self.handover[shard][entry] = cid
+            # "keep": left pending and no longer touched, so it is claimed (and looked at) once idle
 
-    def _answer(self, cid: str, claimed: bool) -> bool:
-        """Answer the conversation's queue while this worker holds its lease; whether the entry is done."""
-        if cid in self.active:
-            return True  # its run here answers what is queued before it lets go (finish says 'more')
+    def _answer(self, cid: str) -> str:
+        """Answer the conversation's queue while this worker holds its lease: done, keep or handover."""
         if self.stopping.is_set():
-            return False
+            return "handover"
         run = Run(self, cid)
         self.active[cid] = run
         try:
-            return run.answer_queue(claimed)
+            return run.answer_queue()
         finally:
             del self.active[cid]
+            run.ended.set()
 
     def _hand_over(self) -> None:
         """Shutting down: runs still going are cancelled, their leases let go and their work re-queued."""
         for run in list(self.active.values()):
             run.cancel("shutdown")
         gevent.joinall(list(self.handlers), timeout=5)
-        for shard, held_entries in self.entries.items():
-            for entry, cid in list(held_entries.items()):
+        # Only entries whose lease was let go (or never taken): a handler still stuck on Redis keeps
+        # its entry pending, to be claimed once idle, while its lease runs out.
+        for shard, entries in self.handover.items():
+            for entry, cid in list(entries.items()):
                 try:
                     self.runs.requeue(cid)  # a new entry first: at no moment is the work in no entry
                     self.runs.done(shard, [entry])
                 except redis.RedisError as err:
                     log.warning("agent: could not hand conversation %s over (%s); it is claimed once idle",
                                 cid, type(err).__name__)
-            held_entries.clear()
+            entries.clear()

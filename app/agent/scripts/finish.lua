@@ -27,13 +27,19 @@ end
 redis.call('HSET', KEYS[1], 'agent_state', state, 'agent_done', ARGV[2])
 if redis.call('LINDEX', KEYS[6], 0) == ARGV[2] then redis.call('LPOP', KEYS[6]) end
 redis.call('DEL', KEYS[3], KEYS[5])
+local paused = false
 if m[4] then
-  -- Stopped: what is queued stays queued until the next user message (append clears the pause).
   redis.call('HDEL', KEYS[1], 'agent_stop')
-  redis.call('HSET', KEYS[1], 'agent_paused', '1')
+  -- Stopped: what is queued stays queued until the next user message (append clears the pause),
+  -- unless that next message came already, after the stop. A run that failed was not stopped.
+  local newest = redis.call('LINDEX', KEYS[6], -1)
+  if state == 'stopped' and (not newest or tonumber(newest) < tonumber(m[4])) then
+    redis.call('HSET', KEYS[1], 'agent_paused', '1')
+    paused = true
+  end
 end
 local more = 0
-if not m[4] and redis.call('LLEN', KEYS[6]) > 0 then more = 1 end
+if not paused and redis.call('LLEN', KEYS[6]) > 0 then more = 1 end
 if more == 1 then
   local t = redis.call('TIME')
   redis.call('HSET', KEYS[1], 'agent_lease_until',
