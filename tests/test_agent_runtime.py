@@ -263,20 +263,26 @@ def test_a_killed_workers_run_is_finished_by_another_with_each_step_once(agents,
 
 
 def test_a_paused_worker_that_wakes_after_a_takeover_writes_nothing_more(agents, store, tmp_path):
-    # SIGSTOP past the lease: another worker takes the run over; the first, woken, finds its lease gone.
+    # SIGSTOP past the lease: another worker takes the run over; the first, woken, finds its lease
+    # gone and leaves the work entry to the new holder (it must not acknowledge it: killed next,
+    # the new holder's work would be in no entry at all).
     first = agents()
-    cid = create(store, "steps 8 0.25")
+    cid = create(store, "steps 16 0.25")
     wait_until(lambda: any(n[2] == "step1" for n in notes(tmp_path)), 10, what="a step done")
     first.signal(signal.SIGSTOP)
     try:
-        agents()
-        run = answered(store, cid, 0, timeout=20)
+        second = agents()
+        wait_until(lambda: sum(1 for n in notes(tmp_path) if n[2] == "start") == 2, 10, what="the takeover")
     finally:
         first.signal(signal.SIGCONT)
-    time.sleep(1.5)  # the woken worker's writes, if it made any, would be stored by now
+    wait_until(lambda: "LeaseLost" in first.log(), 10, what="the woken worker to find its lease gone")
+    second.signal(signal.SIGKILL)  # mid-run: only its pending entry brings the run back
+    agents()
+    run = answered(store, cid, 0, timeout=30)
+    time.sleep(1.0)  # anything a stale worker would still write is stored by now
     run = [e for e in events(store, cid) if e.get("cause") == 0]
     assert_one_run(run)
-    assert [e["args"]["n"] for e in run if e["type"] == "agent_action"] == list(range(1, 9))
+    assert [e["args"]["n"] for e in run if e["type"] == "agent_action"] == list(range(1, 17))
 
 
 def test_redelivered_work_entries_add_no_second_answer(agents, store, redis_client):
