@@ -123,7 +123,7 @@ def test_a_long_history_keeps_the_newest_turns(fake: FakeLLM) -> None:
 
 def test_the_answered_message_is_sent_even_when_not_in_the_history(fake: FakeLLM) -> None:
     llm = agent(fake.url)
-    list(llm.run(CONVERSATION, [{"id": 0, "type": "agent_message", "content": "hi"}],
+    list(llm.run(CONVERSATION, [{"id": 0, "source": "agent", "type": "agent_message", "content": "hi"}],
                  {"id": 1, "type": "user_message", "content": "and now?"}))
     assert fake.requests[0]["body"]["messages"][1:] == [{"role": "assistant", "content": "hi"},
                                                         {"role": "user", "content": "and now?"}]

@@ -308,7 +308,7 @@ FAKE_GIT = """#!/bin/sh
 for last; do :; done
 mkdir -p "$last"
 sleep 30 &
-echo "$$ $!" > "$FAKE_GIT_PIDS.tmp" && mv "$FAKE_GIT_PIDS.tmp" "$FAKE_GIT_PIDS"
+echo "$$ $!" > "$HOME/pids.tmp" && mv "$HOME/pids.tmp" "$HOME/pids"
 wait
 """
 
@@ -326,7 +326,8 @@ def hanging_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """PATH starts with a git that never ends; returns the file where it writes its pids."""
     write(tmp_path / "bin", {"git": FAKE_GIT}, executable=("git",))
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_GIT_PIDS", str(tmp_path / "pids"))
+    # (the clone keeps only git's own environment: the fake git learns where to write from HOME)
+    monkeypatch.setenv("HOME", str(tmp_path))
     return tmp_path / "pids"
 
 
@@ -352,7 +353,7 @@ GEVENT_CANCEL = textwrap.dedent("""
     events = []
     run = gevent.spawn(lambda: events.extend(agent.run(Conversation("c", "octo/cat", None, None), [hello], hello)))
     with gevent.Timeout(20):
-        while not os.path.exists(os.environ["FAKE_GIT_PIDS"]):
+        while not os.path.exists(os.path.join(os.environ["HOME"], "pids")):
             gevent.sleep(0.01)  # the loop turns meanwhile: git is waited on cooperatively
     run.kill(timeout=5)  # the stop button: GreenletExit in the middle of the clone
     print(json.dumps({"dead": run.dead, "killed": type(run.value).__name__}))
@@ -368,3 +369,14 @@ def test_a_cancelled_clone_kills_git_in_a_patched_worker(tmp_path: Path, hanging
     for pid in map(int, hanging_git.read_text().split()):
         wait_until(lambda pid=pid: gone(pid), 10, what=f"process {pid} to end")
     assert not leftovers(workspace) and not (workspace / "octo" / "cat").exists()
+
+
+def test_git_sees_none_of_the_workers_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path / "bin", {"git": '#!/bin/sh\nenv > "$HOME/git-env"\nexit 1\n'}, executable=("git",))
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("AGENT_LLM_API_KEY", "SECRET_KEY", "REDIS_URL"):
+        monkeypatch.setenv(name, "s3cret-value")
+    run(tmp_path / "ws", "octo/cat", AGENT_GIT_BASE_URL="file:///nowhere")
+    seen = (tmp_path / "git-env").read_text()
+    assert "s3cret-value" not in seen and "GIT_TERMINAL_PROMPT=0" in seen
