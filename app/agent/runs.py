@@ -6,7 +6,6 @@ step is stored once however often it is sent: after a lost reply a write is simp
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from ..keys import (
     conv_run_key,
     event_id_of,
 )
-from ..store import MAYBE_RAN, Store, now_iso
+from ..store import Store, now_iso, resend_idempotent
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 REPLY_TTL = 600  # a reply so far outlives its worker by this long at most (seconds)
@@ -80,16 +79,9 @@ def _result(reply: list[Any]) -> int:
     return code
 
 
-def resend(call: Any, attempts: int = 3) -> Any:
+def resend(call: Any) -> Any:
     """Run an idempotent script; after a lost or late reply, send it again (it cannot apply twice)."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return call()
-        except MAYBE_RAN:
-            if attempt == attempts:
-                raise
-            time.sleep(0.1 * attempt)
-    raise AssertionError("unreachable")
+    return resend_idempotent(call, attempts=3)
 
 
 class RunStore:
