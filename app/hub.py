@@ -74,8 +74,8 @@ def event_id_in(data: bytes) -> int | None:
     if not data.startswith(b'{"id":'):
         return None
     end = data.find(b",", 6)
-    digits = data[6:end] if end > 0 else b""
-    return int(digits) if digits.isdigit() else None
+    digits = data[6:end] if 6 < end <= 25 else b""  # ids fit in 19 digits; int() refuses thousands
+    return int(digits) if digits.isascii() and digits.isdigit() else None
 
 
 class Hub:
@@ -222,7 +222,7 @@ class Hub:
                 if delta is not None:
                     grouped.setdefault(conv, []).append(delta)
                     mixed.add(conv)
-            elif data[:1] == b"#" and data[1:].isdigit():
+            elif data[:1] == b"#" and 1 < len(data) <= 20 and data[1:].isascii() and data[1:].isdigit():
                 # A doorbell: event N is stored (announced again after a retry); read what is new.
                 grouped.setdefault(conv, []).extend(self._up_to(conv, int(data[1:])))
             elif data == DELETED_NOTICE:

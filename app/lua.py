@@ -2,12 +2,12 @@
 
 # One round trip per append: ownership, idempotency, id, event, retention and the answer record.
 # KEYS: meta, events, idempotency answers, their expiry, the conversation's channel, its agent
-# inbox, and (not on a Cluster: another slot) the agent work shard. ARGV: owner ('' skips the
+# inbox, its run in progress, and (not on a Cluster: another slot) the agent work shard. ARGV: owner ('' skips the
 # check), event JSON without its opening '{' and without "id", retention (0: keep all), hashed
 # Idempotency-Key ('' for none), its TTL, body digest, the publish command (PUBLISH, or SPUBLISH on
 # a Redis 7 Cluster; '' when the caller announces it itself, once replicated), what it is to the
 # agents ('message': queued for an answer and the work shard told, in the same step; 'stop': ends
-# the run going, if one is: while a worker holds the conversation's lease; ''), the conversation id. The
+# the run going, if one is: from its first event to its end; ''), the conversation id. The
 # event is announced in the same step as it is stored, so every hub following the conversation
 # hears of it; a hub that missed it reads the stream. A retry of the same call after a lost
 # reply is answered from the record, so only an append made without a key can be stored twice,
@@ -54,10 +54,11 @@ if publish ~= '' then redis.call(publish, KEYS[5], data) end
 if ARGV[8] == 'message' then
   redis.call('RPUSH', KEYS[6], id)
   redis.call('HDEL', KEYS[1], 'agent_paused')  -- a stopped conversation answers again, queue first
-  if KEYS[7] then redis.call('XADD', KEYS[7], '*', 'c', ARGV[9]) end
-elseif ARGV[8] == 'stop' and redis.call('HEXISTS', KEYS[1], 'agent_lease') == 1 then
-  -- A run is going (a worker holds the conversation): it sees this within its heartbeat. With
-  -- none going (idle, stopped, or a message queued that no worker took yet) nothing changes.
+  if KEYS[8] then redis.call('XADD', KEYS[8], '*', 'c', ARGV[9]) end
+elseif ARGV[8] == 'stop' and redis.call('EXISTS', KEYS[7]) == 1 then
+  -- A run is going (its first event is written, its end is not, whichever worker has it now,
+  -- or will after a takeover): it sees this within its heartbeat. With none going (idle,
+  -- stopped, between two runs, a message queued that no run took yet) nothing changes.
   redis.call('HSET', KEYS[1], 'agent_stop', id)
 end
 return {n}

@@ -15,6 +15,7 @@ is cut off.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -55,11 +56,15 @@ def _count(value: object) -> bool:
     return type(value) is int and value >= 0  # bool is an int subclass: not a count
 
 
+_ID = re.compile(rb"-?[0-9]{1,19}")
+
+
 def parse_delta(payload: bytes) -> Delta | None:
     """The delta in a channel message `~<L>:<json>`, or None (logged) if it is not a well-formed one."""
     head, sep, body = payload[1:].partition(b":")
     try:
-        upto = int(head) if sep and head.lstrip(b"-").isdigit() else None
+        # At most 19 digits: an id fits in 64 bits, and a huge one would make int() raise.
+        upto = int(head) if sep and _ID.fullmatch(head) else None
         data = orjson.loads(body) if upto is not None else None
     except orjson.JSONDecodeError:
         data = None

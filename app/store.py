@@ -27,6 +27,7 @@ from .keys import (
     conv_events_key,
     conv_inbox_key,
     conv_meta_key,
+    conv_run_key,
     conversation_keys,
     entry_id,
     event_id_of,
@@ -305,7 +306,7 @@ class Store:
         _require_id(cid)
         idem_key, digest = idempotency if idempotency else ("", "")
         keys = [conv_meta_key(cid), conv_events_key(cid), idempotency_key(cid), idempotency_expiry_key(cid),
-                conv_channel(cid), conv_inbox_key(cid)]
+                conv_channel(cid), conv_inbox_key(cid), conv_run_key(cid)]
         if not self.cluster:
             keys.append(agent_work_key(agent_shard(cid, self.agent_shards)))
         body = self._event_json(fields, source)

@@ -140,9 +140,10 @@ def test_a_message_posted_after_the_stop_is_not_held_back(runs, store):
     cid = conversation(store)
     post = lambda fields, kind: store.append_event("alice", cid, fields, source="user", agent_kind=kind)[0]  # noqa: E731
     runs.acquire(cid, "t1")
+    runs.emit(cid, "t1", 0, 1, {"type": "agent_state_changed", "agent_state": "running"}, source="agent")
     post({"type": "stop"}, "stop")
     after = post({"type": "user_message", "content": "right after the stop"}, "message")
-    assert runs.finish(cid, "t1", 0, 1, "awaiting_user_input") == (True, "stopped")  # more: the lease kept
+    assert runs.finish(cid, "t1", 0, 2, "awaiting_user_input") == (True, "stopped")  # more: the lease kept
     assert runs.acquire(cid, "t1").cause == after
 
 
@@ -150,9 +151,10 @@ def test_a_run_that_fails_while_a_stop_is_asked_is_an_error_and_holds_nothing_ba
     cid = conversation(store)
     post = lambda fields, kind: store.append_event("alice", cid, fields, source="user", agent_kind=kind)[0]  # noqa: E731
     runs.acquire(cid, "t1")
+    runs.emit(cid, "t1", 0, 1, {"type": "agent_state_changed", "agent_state": "running"}, source="agent")
     queued = post({"type": "user_message", "content": "queued"}, "message")
     post({"type": "stop"}, "stop")
-    assert runs.finish(cid, "t1", 0, 1, "error") == (True, "error")
+    assert runs.finish(cid, "t1", 0, 2, "error") == (True, "error")
     assert runs.acquire(cid, "t1").cause == queued
 
 
@@ -174,3 +176,33 @@ def test_a_replayed_message_post_queues_nothing_twice(store):
         store.append_event("alice", cid, {"type": "user_message", "content": "once"}, source="user",
                            idempotency=("k" * 64, "d"), agent_kind="message")
     assert store.redis.lrange(conv_inbox_key(cid), 0, -1) == [b"0", b"1"]
+
+
+def test_a_stop_between_two_runs_or_during_a_hand_over(runs, store):
+    cid = conversation(store)
+    post = lambda fields, kind: store.append_event("alice", cid, fields, source="user", agent_kind=kind)[0]  # noqa: E731
+    runs.acquire(cid, "t1")
+    runs.emit(cid, "t1", 0, 1, {"type": "agent_state_changed", "agent_state": "running"}, source="agent")
+    queued = post({"type": "user_message", "content": "queued"}, "message")
+    assert runs.finish(cid, "t1", 0, 2, "awaiting_user_input") == (True, "awaiting_user_input")
+    post({"type": "stop"}, "stop")  # between two runs (the lease kept): no run is going, nothing stops
+    claim = runs.acquire(cid, "t1")
+    assert claim.cause == queued and not claim.stop
+    runs.emit(cid, "t1", queued, 1, {"type": "agent_state_changed", "agent_state": "running"}, source="agent")
+    runs.release(cid, "t1")  # a hand-over: no worker holds it for a moment, the run is still going
+    stop = post({"type": "stop"}, "stop")
+    assert int(store.redis.hget(conv_meta_key(cid), "agent_stop")) == stop
+    claim = runs.acquire(cid, "t2")
+    assert claim.cause == queued and claim.stop and claim.steps_written == 1
+
+
+def test_a_reply_begun_by_another_attempt_gets_no_bits_of_this_one(runs, store):
+    cid = conversation(store)
+    runs.acquire(cid, "first")
+    runs.emit(cid, "first", 0, 1, {"type": "agent_state_changed", "agent_state": "running"}, source="agent")
+    assert runs.delta(cid, "first", 0, 0, 0, "The answer") is True
+    runs.release(cid, "first")
+    runs.acquire(cid, "second")
+    sent = [runs.delta(cid, "second", 0, o, o, t) for o, t in ((0, "A"), (1, " reply"), (7, " is"), (10, " here"))]
+    assert sent == [False, False, False, False]
+    assert store.redis.get(conv_reply_key(cid)).decode() == "0:The answer"

@@ -113,6 +113,8 @@ class Run:
                 if self.worker.stopping.is_set():  # warm shutdown: the next message is another worker's
                     return self._let_go()
                 claim = self.runs.acquire(self.cid, token)
+            if claim == "busy":  # this worker stalled past its lease between two runs: another has it
+                return "keep"
         except ConversationGone:
             return "done"
         except (LeaseLost, RunEnded) as err:
@@ -147,7 +149,7 @@ class Run:
             state = self._agent_events(claim, cause, action)
         if self.cancelled == "shutdown":
             return False
-        if self.cancelled == "stop":
+        if self.cancelled == "stop" and state != "error":  # a stop that came while the error was written
             state = "stopped"
         elif self.cancelled in ("lost", "gone"):
             raise LeaseLost() if self.cancelled == "lost" else ConversationGone()

@@ -93,6 +93,8 @@ class RunStore:
         self.lease_ms = lease_ms
         self.history = history
         self.shards = store.agent_shards
+        self.replicated = store.min_replicas > 0
+        self.announced: dict[str, int] = {}  # with REDIS_MIN_REPLICAS_ACK: the last event announced per run
         self._scripts = {name: self.redis.register_script(script_source(name))
                          for name in ("acquire", "emit", "finish", "renew", "release", "delta", "touch")}
 
@@ -130,10 +132,30 @@ class RunStore:
         event = {"timestamp": now_iso(), "source": source, "type": fields["type"], "cause": cause}
         body = orjson.dumps({**event, **fields, "cause": cause})
         keys = [conv_meta_key(cid), conv_events_key(cid), conv_run_key(cid), conv_channel(cid), conv_reply_key(cid)]
-        args = [token, cause, step, body[1:], self.store.retention, self.store.publish, state,
+        args = [token, cause, step, body[1:], self.store.retention, self._publish_now, state,
                 "1" if ends_reply else ""]
-        reply = resend(lambda: self._scripts["emit"](keys=keys, args=args))
-        return _result(reply), bool(int(reply[1]))
+        reply = self._write("emit", keys, args)
+        event_id = _result(reply)
+        self._announce(cid, event_id)
+        return event_id, bool(int(reply[1]))
+
+    @property
+    def _publish_now(self) -> str:
+        # With REDIS_MIN_REPLICAS_ACK an event is announced only once replicated (as a post's is).
+        return "" if self.replicated else self.store.publish
+
+    def _write(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        if not self.replicated:
+            return resend(lambda: self._scripts[name](keys=keys, args=args))
+        # The script and its WAIT on one connection; fewer replicas than asked: ServiceUnavailable
+        # (the run is looked at again later, and the step, stored already, is not stored twice).
+        return resend(lambda: self.store._acked(self._scripts[name], keys, args))
+
+    def _announce(self, cid: str, event_id: int) -> None:
+        if self.replicated and event_id > 0:
+            # A doorbell: every hub following the conversation reads the store up to it.
+            self.redis.execute_command(self.store.publish, conv_channel(cid), b"#%d" % event_id)
+            self.announced[cid] = event_id
 
     def delta(self, cid: str, token: str, cause: int, offset: int, byte_offset: int, text: str) -> bool:
         """Publish a live bit of the reply (not stored as an event); False when it was not (sent before, or a gap).
@@ -142,8 +164,11 @@ class RunStore:
         new attempt cuts its bits elsewhere: the bit is skipped, the stored message replaces all.
         """
         data = orjson.dumps({"cause": cause, "offset": offset, "text": text})
-        keys = [conv_meta_key(cid), conv_reply_key(cid), conv_channel(cid)]
-        args = [token, cause, byte_offset, text, data, self.store.publish, REPLY_TTL]
+        keys = [conv_meta_key(cid), conv_reply_key(cid), conv_channel(cid), conv_run_key(cid)]
+        # With REDIS_MIN_REPLICAS_ACK, events are announced once replicated: a bit is placed after
+        # the last event this run announced, so no stream reads an event a failover may lose.
+        after = "" if not self.replicated or self.announced.get(cid) is None else self.announced[cid]
+        args = [token, cause, byte_offset, text, data, self.store.publish, REPLY_TTL, after]
         reply = resend(lambda: self._scripts["delta"](keys=keys, args=args))
         return reply != -4 and _result([reply]) == 1
 
@@ -151,9 +176,9 @@ class RunStore:
         """End the run: its last state event; (whether more is queued and the lease still ours, the state written)."""
         keys = [conv_meta_key(cid), conv_events_key(cid), conv_run_key(cid), conv_channel(cid),
                 conv_reply_key(cid), conv_inbox_key(cid)]
-        args = [token, cause, step, now_iso(), state, self.store.retention, self.store.publish, self.lease_ms]
-        reply = resend(lambda: self._scripts["finish"](keys=keys, args=args))
-        _result(reply)
+        args = [token, cause, step, now_iso(), state, self.store.retention, self._publish_now, self.lease_ms]
+        reply = self._write("finish", keys, args)
+        self._announce(cid, _result(reply))
         return bool(int(reply[1])), reply[2].decode()
 
     def renew(self, leases: list[tuple[str, str]]) -> list[tuple[int, bool]]:

@@ -23,7 +23,7 @@ import gevent.event
 import gevent.lock
 import redis
 
-from ..errors import redis_unavailable
+from ..errors import ServiceUnavailable, redis_unavailable
 from ..redis import make_client
 from .base import Agent
 from .run import Run
@@ -147,8 +147,10 @@ class Worker:
                 self._spawn(shard, entry, cid)
 
     def _claim_loop(self) -> None:
+        first = 0
         while not self.stopping.wait(max(self.claim_idle_ms / 2000, 0.1)):
-            for shard in range(self.runs.shards):
+            first = (first + 1) % self.runs.shards  # no shard always served first, or last
+            for shard in [*range(first, self.runs.shards), *range(first)]:
                 free = self._free_slots(wait=False)
                 if not free:
                     break
@@ -196,15 +198,23 @@ class Worker:
         """Answer what the conversation has queued; acknowledge the entry once nothing is left."""
         outcome = "keep"
         try:
-            local = self.active.get(cid)
-            if local is not None:
-                # Its run here may end without seeing this entry's message (it was posted just as
-                # the run let go): look again once it ended, through the lease like anyone else.
-                local.ended.wait()
-            with self.slots:
-                outcome = self._answer(cid)
-        except redis.RedisError as err:
-            # Whether it ran or not, the entry stays: claimed again once idle, the steps written kept.
+            while outcome == "keep":
+                local = self.active.get(cid)
+                if local is not None:
+                    # Its run here may end without seeing this entry's message (posted just as the
+                    # run let go): look again once it ended, through the lease like anyone else.
+                    local.ended.wait()
+                    continue
+                with self.slots:
+                    # Checked again with the slot: another entry of the conversation may have taken
+                    # one first. No switch between this check and the run's registration.
+                    if cid in self.active:
+                        continue
+                    outcome = self._answer(cid)
+                break
+        except (redis.RedisError, ServiceUnavailable) as err:
+            # Whether it ran or not (or is not replicated yet), the entry stays: claimed again once
+            # idle, the steps written kept.
             log.warning("agent: conversation %s left for later (%s)", cid, type(err).__name__)
         except Exception:  # noqa: BLE001 - one conversation's failure must not stop the others
             log.exception("agent: conversation %s failed; left for another try", cid)
@@ -230,7 +240,9 @@ class Worker:
         try:
             return run.answer_queue()
         finally:
-            del self.active[cid]
+            if self.active.get(cid) is run:
+                del self.active[cid]
+                self.runs.announced.pop(cid, None)
             run.ended.set()
 
     def _hand_over(self) -> None:
@@ -241,11 +253,11 @@ class Worker:
         # Only entries whose lease was let go (or never taken): a handler still stuck on Redis keeps
         # its entry pending, to be claimed once idle, while its lease runs out.
         for shard, entries in self.handover.items():
-            for entry, cid in list(entries.items()):
+            while entries:  # popped one by one: a handler ending meanwhile adds its own
+                entry, cid = entries.popitem()
                 try:
                     self.runs.requeue(cid)  # a new entry first: at no moment is the work in no entry
                     self.runs.done(shard, [entry])
                 except redis.RedisError as err:
                     log.warning("agent: could not hand conversation %s over (%s); it is claimed once idle",
                                 cid, type(err).__name__)
-            entries.clear()
