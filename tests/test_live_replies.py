@@ -111,6 +111,21 @@ def test_live_deltas_arrive_named_with_no_id_then_the_final_message(server, api,
     assert s.empty_blocks == 0
 
 
+def test_malformed_announcements_are_skipped_and_the_rest_of_their_read_still_goes_out(server, api, runtime):
+    cid = api.create(initial_user_msg="hi")
+    s, _ = opened(server, api, cid)
+    assert ids(s.take(1)) == [0]
+    # Anyone with access to Redis may publish on the channel: none of these may stall the hub.
+    for bad in (b"~--1:{}", b"~" + b"9" * 5000 + b":{}", b"~0:not json", b"#" + b"9" * 5000, b"#\xc2\xb2",
+                b'{"id":' + b"9" * 5000 + b",", b"\xff\xfe"):
+        runtime.publish(cid, bad)
+    runtime.delta(cid, 0, "still here")
+    api.post(cid, type="user_message", content="and this")
+    got = s.take(2)
+    assert deltas(got) == [{"cause": 0, "offset": 0, "text": "still here"}] and ids(got) == [1]
+    assert "reconnecting" not in server.log()
+
+
 def test_a_stream_opened_mid_reply_gets_the_stored_events_then_the_text_so_far_then_the_rest(server, api, runtime):
     cid = api.create(initial_user_msg="hi")
     api.post(cid, type="user_message", content="more")
