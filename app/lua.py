@@ -7,7 +7,8 @@
 # Idempotency-Key ('' for none), its TTL, body digest, the publish command (PUBLISH, or SPUBLISH on
 # a Redis 7 Cluster; '' when the caller announces it itself, once replicated), what it is to the
 # agents ('message': queued for an answer and the work shard told, in the same step; 'stop': ends
-# the run going, if one is: from its first event to its end; ''), the conversation id. The
+# the run going, if one is: from its first event to its end; ''), the conversation id. Returns
+# {id}, or {id, 1} when the agents must be told (done here unless on a Cluster). The
 # event is announced in the same step as it is stored, so every hub following the conversation
 # hears of it; a hub that missed it reads the stream. A retry of the same call after a lost
 # reply is answered from the record, so only an append made without a key can be stored twice,
@@ -52,9 +53,14 @@ local publish = ARGV[7]
 if publish == 'SPUBLISH' and not redis.REDIS_VERSION then publish = 'PUBLISH' end
 if publish ~= '' then redis.call(publish, KEYS[5], data) end
 if ARGV[8] == 'message' then
-  redis.call('RPUSH', KEYS[6], id)
-  redis.call('HDEL', KEYS[1], 'agent_paused')  -- a stopped conversation answers again, queue first
-  if KEYS[8] then redis.call('XADD', KEYS[8], '*', 'c', ARGV[9]) end
+  -- A work entry only when nothing was queued (or it was held by a stop): otherwise the entry of
+  -- the first queued message is still pending, and whoever answers it answers the whole queue.
+  local queued = redis.call('RPUSH', KEYS[6], id)
+  local paused = redis.call('HDEL', KEYS[1], 'agent_paused')  -- stopped: answers again, queue first
+  if queued == 1 or paused == 1 then
+    if KEYS[8] then redis.call('XADD', KEYS[8], '*', 'c', ARGV[9]) end
+    return {n, 1}
+  end
 elseif ARGV[8] == 'stop' and redis.call('EXISTS', KEYS[7]) == 1 then
   -- A run is going (its first event is written, its end is not, whichever worker has it now,
   -- or will after a takeover): it sees this within its heartbeat. With none going (idle,

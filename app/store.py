@@ -333,7 +333,7 @@ class Store:
         if self.min_replicas:
             event_id = int(result[0])
             self.redis.execute_command(self.publish, conv_channel(cid), b'{"id":%d,%s' % (event_id, body[1:]))
-        if agent_kind == "message" and self.cluster:
+        if len(result) > 1 and self.cluster:  # the script says the agents must be told
             self.tell_agents(cid)
         return int(result[0]), False
 

@@ -206,3 +206,18 @@ def test_a_reply_begun_by_another_attempt_gets_no_bits_of_this_one(runs, store):
     sent = [runs.delta(cid, "second", 0, o, o, t) for o, t in ((0, "A"), (1, " reply"), (7, " is"), (10, " here"))]
     assert sent == [False, False, False, False]
     assert store.redis.get(conv_reply_key(cid)).decode() == "0:The answer"
+
+
+def test_a_work_entry_is_added_only_when_nothing_was_queued_or_the_queue_was_held(runs, store, redis_client):
+    cid = conversation(store)  # message 0 queued: one entry
+    shard = f"agent:work:{{{agent_shard(cid, runs.shards)}}}"
+    post = lambda fields, kind: store.append_event("alice", cid, fields, source="user", agent_kind=kind)[0]  # noqa: E731
+    for n in range(3):
+        post({"type": "user_message", "content": f"queued {n}"}, "message")
+    assert redis_client.xlen(shard) == 1  # its entry stays pending until the whole queue is answered
+    runs.acquire(cid, "t1")
+    runs.emit(cid, "t1", 0, 1, {"type": "agent_state_changed", "agent_state": "running"}, source="agent")
+    post({"type": "stop"}, "stop")
+    runs.finish(cid, "t1", 0, 2, "awaiting_user_input")  # stopped: the queue is held
+    post({"type": "user_message", "content": "go on"}, "message")
+    assert redis_client.xlen(shard) == 2  # the held queue goes on: the agents are told again

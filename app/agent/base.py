@@ -48,6 +48,9 @@ class Agent:
     """Base class of agents: subclass it, set `name`, implement `run`."""
 
     name: ClassVar[str] = ""
+    # How many of the conversation's newest events `run` needs in `history` (the action is the last
+    # of them): None for AGENT_HISTORY_EVENTS. Reading and decoding history costs every run.
+    history_events: ClassVar[int | None] = None
 
     def __init__(self, settings: Mapping[str, Any]):
         self.settings = settings  # the service's settings (app.config): AGENT_* and the rest

@@ -11,6 +11,7 @@ class EchoAgent(Agent):
     """Answers each message with its own text (tests, demos)."""
 
     name = "echo"
+    history_events = 1  # the message alone
 
     def run(self, conversation: Conversation, history: list[dict[str, Any]],
             action: dict[str, Any]) -> Iterable[dict[str, Any]]:
@@ -22,6 +23,7 @@ class AutoAgent(Agent):
     """The default: the readme agent for a conversation that names a repository, echo for the others."""
 
     name = "auto"
+    history_events = 1  # neither readme nor echo reads the history
 
     def __init__(self, settings: Mapping[str, Any]):
         super().__init__(settings)

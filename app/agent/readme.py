@@ -193,6 +193,7 @@ class ReadmeAgent(Agent):
     """Reads the conversation repository's README.md and checks its links, paths and commands."""
 
     name = "readme"
+    history_events = 1  # it checks the repository, whatever was said before
 
     def run(self, conversation: Conversation, history: list[dict[str, Any]],
             action: dict[str, Any]) -> Iterator[dict[str, Any]]:

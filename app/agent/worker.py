@@ -48,7 +48,8 @@ class Worker:
         self.claim_idle_ms = int(claim_idle * 1000)
         # Entries are touched and leases renewed on the same tick; the lease is the shorter, so the
         # moment a dead worker's entry may be claimed its lease has run out.
-        self.runs = RunStore(store, lease_ms=int(self.claim_idle_ms * 0.8), history=config["AGENT_HISTORY_EVENTS"])
+        history = min(agent.history_events or config["AGENT_HISTORY_EVENTS"], config["AGENT_HISTORY_EVENTS"])
+        self.runs = RunStore(store, lease_ms=int(self.claim_idle_ms * 0.8), history=history)
         self.heartbeat = min(0.25, claim_idle / 5)
         self.step_timeout = config["AGENT_STEP_TIMEOUT_SECONDS"]
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
