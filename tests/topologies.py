@@ -460,12 +460,18 @@ class Sentinel3:
         return address
 
     def restart(self, address: tuple[str, int]) -> None:
-        """Start a killed server again on its port (empty: no persistence); the sentinels make it a replica."""
+        """Start a killed server again on its port (empty: no persistence), as a replica of the current master.
+
+        As an operator would: started bare, the empty server is a master until the sentinels turn
+        it into a replica, and a failover in that moment could make the others copy its emptiness.
+        """
         port = address[1]
+        master_host, master_port = self.master_address()
         node_dir = self.workdir / f"redis-{port}"
         self._spawn(port, ["--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
                            "--dir", str(node_dir), "--logfile", str(node_dir / "redis.log"), "--daemonize", "no",
-                           *REPLICATION_OPTS], node_dir / "redis.log", "redis")
+                           "--replicaof", master_host, str(master_port), *REPLICATION_OPTS],
+                    node_dir / "redis.log", "redis")
 
     def wait_replicas(self, count: int, timeout: float = 30) -> None:
         """Wait until the current master has `count` replicas whose link is up."""
