@@ -184,12 +184,16 @@ class Store:
         it is re-sent after a lost reply. Only needed on a Cluster: elsewhere the scripts add it.
         """
         try:
-            resend_idempotent(lambda: self.redis.xadd(agent_work_key(agent_shard(cid, self.agent_shards)), {"c": cid}))
+            resend_idempotent(lambda: self.add_work_entry(cid))
         except redis.RedisError as err:
             # The message is stored and queued in its conversation: the next one posted there brings
             # the agents to both. Failing the post would make a client without an Idempotency-Key
             # post it twice.
             log.warning("could not tell the agents about conversation %s (%s)", cid, type(err).__name__)
+
+    def add_work_entry(self, cid: str) -> None:
+        """One entry `c=<cid>` on the conversation's agent work shard (a worker will look at its inbox)."""
+        self.redis.xadd(agent_work_key(agent_shard(cid, self.agent_shards)), {"c": cid})
 
     @staticmethod
     def _visible(meta: dict[bytes, bytes], owner: str) -> bool:

@@ -96,36 +96,28 @@ class Subscriber:
 
     def write_now(self, batch: Batch) -> None:
         """Send the batch straight to the socket; what does not fit goes to the stream's greenlet."""
-        data = batch.chunk
-        try:
-            written = os.write(self.fd, data)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            self.end("disconnected")
-            return
-        self.last_sent = batch.last_id
-        self.last_write = time.monotonic()
-        if written < len(data):
-            self.outbuf = data[written:]
-            self.busy = True
-            self.wake.set()
+        if self.write_chunk(batch.chunk):
+            self.last_sent = batch.last_id
 
-    def write_chunk(self, data: bytes) -> None:
-        """Send an HTTP chunk that holds no event (a reply delta) as write_now sends a batch."""
-        # write_now's body again rather than a call from it: it runs once per stream per batch.
+    def write_chunk(self, data: bytes) -> bool:
+        """Send an HTTP chunk straight to the socket; False if the client is gone.
+
+        What does not fit (a write that would block) is left in `outbuf` for the stream's greenlet,
+        which then owns the socket (`busy`) until it has sent it.
+        """
         try:
             written = os.write(self.fd, data)
         except BlockingIOError:
             written = 0
         except OSError:
             self.end("disconnected")
-            return
+            return False
         self.last_write = time.monotonic()
         if written < len(data):
             self.outbuf = data[written:]
             self.busy = True
             self.wake.set()
+        return True
 
     def _abort(self) -> None:
         if not self.done and self.sock is not None:

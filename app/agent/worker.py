@@ -61,6 +61,7 @@ class Worker:
         self.handover: dict[int, dict[bytes, str]] = {s: {} for s in range(self.runs.shards)}  # let go: re-queue
         self.claim_cursor = [b"0-0"] * self.runs.shards
         self.stopping = gevent.event.Event()
+        self.cold = False  # hand the runs going over at once (a second TERM, or INT)
         self.handlers: set[gevent.Greenlet] = set()
         self.handled = 0
 
@@ -82,8 +83,6 @@ class Worker:
         self._hand_over()
         loops[-1].kill()
         log.info("agent worker %s stopped after %d work entries", self.consumer, self.handled)
-
-    cold = False
 
     def stop(self, cold: bool = False) -> None:
         """Stop taking work; runs going may finish (warm) or are handed over at once (cold)."""
