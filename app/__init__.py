@@ -43,6 +43,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from .api import conversations, events, health, sse
     for module in (conversations, events, sse, health):
         app.register_blueprint(module.bp)
+    from . import web
+    web.init_app(app)
 
     from .agent.cli import agent
     from .cli import keys

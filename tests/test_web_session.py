@@ -1,0 +1,71 @@
+"""Signing in and out of the web app (/api/session) and the security headers every answer carries."""
+from __future__ import annotations
+
+from app.auth import COOKIE_NAME
+from app.web import CONTENT_SECURITY_POLICY
+
+from .conftest import assert_error, bearer
+
+
+def session_cookie(response) -> str | None:
+    """The Set-Cookie line for the session cookie, if the response has one."""
+    for line in response.headers.getlist("Set-Cookie"):
+        if line.startswith(COOKIE_NAME + "="):
+            return line
+    return None
+
+
+def test_sign_in_with_the_key_sets_the_cookie_that_then_authenticates_alone(client, key):
+    answer = client.post("/api/session", headers=bearer(key))
+    assert answer.status_code == 200
+    assert answer.get_json() == {"status": "ok", "user_id": "alice"}
+    line = session_cookie(answer)
+    assert line and "HttpOnly" in line and "SameSite=Lax" in line and "Path=/" in line
+    assert key not in line  # the cookie names the key, it does not hold it
+    assert client.get_cookie(COOKIE_NAME) is not None  # the test client keeps it, as a browser does
+    who = client.get("/api/session")  # no Authorization header: the cookie alone
+    assert who.status_code == 200 and who.get_json()["user_id"] == "alice"
+    assert session_cookie(who) is None  # a cookie caller is not handed a new cookie
+    assert client.get("/api/conversations").status_code == 200
+
+
+def test_sign_in_needs_the_key_itself(client, key):
+    client.post("/api/session", headers=bearer(key))
+    body = assert_error(client.post("/api/session"), 400, "bad_request")
+    assert "Bearer" in body["message"]
+    assert_error(client.post("/api/session", headers=bearer("ohk_0123456789abcdef_wrong")), 401)
+    client.delete_cookie(COOKIE_NAME)
+    assert_error(client.post("/api/session"), 401)
+
+
+def test_sign_out_clears_the_cookie_even_when_it_is_no_longer_valid(client, key):
+    client.post("/api/session", headers=bearer(key))
+    out = client.delete("/api/session")
+    assert out.status_code == 200 and out.get_json() == {"status": "ok"}
+    line = session_cookie(out)
+    assert line and "Max-Age=0" in line and "HttpOnly" in line
+    assert_error(client.get("/api/session"), 401)
+    client.set_cookie(COOKIE_NAME, "forged.value.here")
+    assert client.delete("/api/session").status_code == 200  # a bad cookie can still be cleared
+    assert_error(client.get("/api/session"), 401)
+
+
+def test_sign_out_with_a_bearer_key_mints_no_new_cookie(client, key):
+    out = client.delete("/api/session", headers=bearer(key))
+    assert out.status_code == 200
+    lines = [line for line in out.headers.getlist("Set-Cookie") if line.startswith(COOKIE_NAME + "=")]
+    assert len(lines) == 1 and "Max-Age=0" in lines[0]
+
+
+def test_the_page_and_every_answer_carry_the_security_headers(client, key):
+    for response in (client.get("/"), client.get("/api/conversations", headers=bearer(key)),
+                     client.get("/api/conversations"), client.get("/static/openhands-client.js"),
+                     client.get("/no/such/page")):
+        assert response.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        assert response.headers["X-Frame-Options"] == "DENY"
+    policy = dict(part.strip().split(" ", 1) for part in CONTENT_SECURITY_POLICY.split(";"))
+    assert policy["script-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
+    assert policy["default-src"] == "'none'" and "unsafe" not in CONTENT_SECURITY_POLICY
+
