@@ -48,8 +48,8 @@ def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        # As root (CI) Chromium refuses to start sandboxed.
-        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        # As root (CI) Chromium refuses to start sandboxed; a small /dev/shm in a container crashes it.
+        args = ["--disable-dev-shm-usage"] + (["--no-sandbox"] if os.geteuid() == 0 else [])
         chromium = playwright.chromium.launch(executable_path=path, headless=True, args=args)
         try:
             yield chromium
