@@ -135,6 +135,7 @@ def serve() -> int:
     bind = env.setdefault("BIND", "127.0.0.1:8000")
     say(f"service on http://{bind}  (gunicorn, gevent workers: WEB_CONCURRENCY={env.get('WEB_CONCURRENCY', '2')})")
     say("create an API key in another shell:  .venv/bin/flask --app wsgi keys create alice")
+    say(f"then open http://{bind}/ in a browser and sign in with that key (its last line)")
     gunicorn = subprocess.Popen([str(VENV / "bin" / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
                                 cwd=ROOT, env=env)
     agents = AgentWorkers(env)

@@ -13,10 +13,11 @@ from itsdangerous import BadSignature, TimestampSigner
 from werkzeug.http import dump_cookie
 
 from .config import secret_from_file
-from .errors import Unauthorized
+from .errors import Forbidden, Unauthorized
 from .store import KEY_PREFIX, api_key_key, hash_secret
 
 COOKIE_NAME = "oh_session"
+SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))
 KEY_ID_LEN = 16
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,7 +84,23 @@ def verify(creds: Presented | None, record: dict[str, str] | None) -> Caller:
     # Compared in constant time even though the record was found by the key id.
     if creds.via == "bearer" and not hmac.compare_digest(record["hash"], hash_secret(creds.key)):
         raise Unauthorized("missing or invalid credentials")
+    if creds.via == "cookie" and request.method not in SAFE_METHODS:
+        refuse_cross_origin()
     return Caller(record["user_id"], creds.key_id, creds.via)
+
+
+def refuse_cross_origin() -> None:
+    """403 for a cookie-authenticated write that a page of another origin sent (CSRF).
+
+    SameSite=Lax keeps the cookie from other sites, not from other origins of the same site (a
+    sibling subdomain, another port of the host); browsers send `Origin` on every such request.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return  # not from a browser page of another origin (curl, a same-origin form in old browsers)
+    # The host alone is compared: behind a TLS-terminating proxy the scheme seen here is http.
+    if origin == "null" or origin.partition("://")[2] != request.host:
+        raise Forbidden("a session cookie cannot be used from another origin; send the API key as a Bearer token")
 
 
 def authenticate() -> Caller:

@@ -48,6 +48,13 @@ class Unauthorized(ApiError):
     code = "unauthorized"
 
 
+class Forbidden(ApiError):
+    """The credentials are good but may not be used for this request."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(ApiError):
     """Unknown, or not the caller's."""
 

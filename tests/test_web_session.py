@@ -69,3 +69,22 @@ def test_the_page_and_every_answer_carry_the_security_headers(client, key):
     assert policy["script-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
     assert policy["default-src"] == "'none'" and "unsafe" not in CONTENT_SECURITY_POLICY
 
+
+
+def test_a_cookie_cannot_write_from_another_origin(client, key):
+    client.post("/api/session", headers=bearer(key))  # signed in: the client holds the cookie
+    action = {"type": "user_message", "content": "hi"}
+    cid = client.post("/api/conversations", json={}).get_json()["conversation_id"]
+    for origin in ("http://evil.localhost", "http://localhost:9999", "null"):
+        body = assert_error(client.post(f"/api/conversations/{cid}/events", json=action,
+                                        headers={"Origin": origin}), 403, "forbidden")
+        assert "Bearer" in body["message"]
+        assert_error(client.delete(f"/api/conversations/{cid}", headers={"Origin": origin}), 403, "forbidden")
+    events = client.get(f"/api/conversations/{cid}/events", headers={"Origin": "http://evil.localhost"})
+    assert events.status_code == 200 and events.get_json()["events"] == []  # reads are not writes
+    same = client.post(f"/api/conversations/{cid}/events", json=action, headers={"Origin": "http://localhost"})
+    assert same.status_code == 200 and same.get_json()["event_id"] == 0
+    with_key = client.post(f"/api/conversations/{cid}/events", json=action,
+                           headers={"Origin": "http://evil.localhost", **bearer(key)})
+    assert with_key.status_code == 200  # a Bearer key is not sent by a browser on its own: no CSRF
+    assert client.post(f"/api/conversations/{cid}/events", json=action).status_code == 200  # no Origin: curl
