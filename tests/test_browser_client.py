@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -284,4 +285,30 @@ def test_send_action_retries_a_lost_reply_with_the_same_key_and_never_a_400(star
     assert again[1]["event_id"] == again[2]["event_id"]
     contents = [e["content"] for e in rest_events(stack.api, cid) if e["type"] == "user_message"]
     assert contents == ["once", "twice?", "keyed"]
+    assert page.page_errors == []
+
+
+def test_send_action_waits_out_a_429s_retry_after(start_web, page) -> None:
+    """A 429 with Retry-After: 1 is retried with the same key no sooner than a second later; stored once."""
+    stack = start_web(agent="echo")
+    cid = stack.api.create()
+    open_client_page(page, stack.base)
+    new_client(page, "a", stack.key, {"minRetryMs": 10, "maxRetryMs": 5000})
+    page.evaluate("(cid) => { clients.a.conversationId = cid; }", cid)  # REST only: no stream
+    tries: list[tuple[float, str | None]] = []
+
+    def refuse_first(route: Any) -> None:
+        tries.append((time.monotonic(), route.request.headers.get("idempotency-key")))
+        if len(tries) == 1:
+            return route.fulfill(status=429, headers={"Retry-After": "1"}, content_type="application/json",
+                                 body=json.dumps({"status": "error", "error": "too_many_requests", "message": "wait"}))
+        return route.continue_()
+
+    page.route(f"{stack.base}/api/conversations/{cid}/events", refuse_first)
+    answer = page.evaluate("async () => await clients.a.sendUserMessage('after a wait')")
+    assert len(tries) == 2 and tries[0][1] == tries[1][1]
+    assert tries[1][0] - tries[0][0] >= 0.9
+    stored = [(e["id"], e["content"]) for e in rest_events(stack.api, cid) if e["type"] == "user_message"]
+    assert stored == [(answer["event_id"], "after a wait")]
+    assert log_of(page, "a")["errors"] == []  # a retry that succeeds is no error
     assert page.page_errors == []
