@@ -1,4 +1,4 @@
-"""The web app at / in Chromium: sign in, the list, a conversation streaming live, Stop, reload, delete, sign out; safety."""
+"""The web app at / in Chromium: sign in, list, a live conversation, Stop, reload, delete, sign out; safety."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,15 @@ import pytest
 
 from .fake_llm import FakeLLM
 from .web_app_helpers import (
-    WAIT_MS, agent_bubbles, assert_shows_exactly, llm_env, open_conversation, settled_events, sign_in,
-    stored_events, wait_agent, wait_connection,
+    WAIT_MS,
+    agent_bubbles,
+    assert_shows_exactly,
+    llm_env,
+    open_conversation,
+    settled_events,
+    sign_in,
+    wait_agent,
+    wait_connection,
 )
 
 XSS = "<img src=x onerror=window.__xss=1>"

@@ -95,10 +95,10 @@ def record_connection_states(page: Any) -> None:
     }""")
 
 
-def tab_to(page: Any, selector: str, presses: int = 40) -> None:
-    """Press Tab until the focus is on an element matching `selector` (a keyboard user's path)."""
+def tab_to(page: Any, selector: str, presses: int = 40, key: str = "Tab") -> None:
+    """Press Tab (or `key`: Shift+Tab) until the focus is on an element matching `selector`."""
     for _ in range(presses):
-        page.keyboard.press("Tab")
+        page.keyboard.press(key)
         if page.evaluate("s => document.activeElement && document.activeElement.matches(s)", selector):
             return
     raise AssertionError(f"Tab never reached {selector}")

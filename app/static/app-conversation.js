@@ -188,9 +188,13 @@ export class ConversationView {
     this.stopButton.hidden = state !== 'running';
     this.hooks.onAgentState(state);
     if (state && state !== 'running') {
-      // The run is over; a reply still growing will not be stored (stopped, error): say so.
+      // The run is over; a reply still growing will not be stored (stopped, error): say so, and
+      // put it before the note that ended the run (rows that came while it grew stay above it).
+      const notes = this.log.querySelectorAll(':scope > [data-type="agent_state_changed"]');
+      const ender = notes.length ? notes[notes.length - 1] : null;
       for (const [cause, node] of this.streaming) {
         markInterrupted(node, state);
+        if (ender) this.log.insertBefore(node, ender);
         this.streaming.delete(cause);
       }
     }

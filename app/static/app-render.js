@@ -66,6 +66,15 @@ function argsSummary(args) {
   return text.length > 90 ? `${text.slice(0, 89)}…` : text;
 }
 
+/** An action's arguments as text: `name: value` lines when they are all plain values, else JSON. */
+function argsText(args) {
+  if (!args || typeof args !== 'object' || Array.isArray(args)) return asJson(args ?? {});
+  const entries = Object.entries(args);
+  if (!entries.length) return '(none)';
+  const plain = entries.every(([, v]) => v === null || ['string', 'number', 'boolean'].includes(typeof v));
+  return plain ? entries.map(([k, v]) => `${k}: ${v}`).join('\n') : asJson(args);
+}
+
 /** A labelled block of preformatted text inside an expanded row. */
 function block(label, text) {
   return el('div', {className: 'block'}, [
@@ -83,7 +92,7 @@ function actionRow(event) {
     el('code', {className: 'action-args', text: argsSummary(event.args)}),
     status,
   ]);
-  const details = el('details', {className: 'action'}, [summary, block('Arguments', asJson(event.args ?? {}))]);
+  const details = el('details', {className: 'action'}, [summary, block('Arguments', argsText(event.args))]);
   return row(event, 'row-action', [details]);
 }
 
