@@ -65,6 +65,7 @@ def test_the_page_and_every_answer_carry_the_security_headers(client, key):
         assert response.headers["X-Content-Type-Options"] == "nosniff"
         assert response.headers["Referrer-Policy"] == "no-referrer"
         assert response.headers["X-Frame-Options"] == "DENY"
+        response.close()  # a static file's answer holds the file open until closed
     policy = dict(part.strip().split(" ", 1) for part in CONTENT_SECURITY_POLICY.split(";"))
     assert policy["script-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
     assert policy["default-src"] == "'none'" and "unsafe" not in CONTENT_SECURITY_POLICY
@@ -88,3 +89,13 @@ def test_a_cookie_cannot_write_from_another_origin(client, key):
                            headers={"Origin": "http://evil.localhost", **bearer(key)})
     assert with_key.status_code == 200  # a Bearer key is not sent by a browser on its own: no CSRF
     assert client.post(f"/api/conversations/{cid}/events", json=action).status_code == 200  # no Origin: curl
+
+
+def test_the_page_is_html_and_loads_only_its_own_scripts(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    assert "/static/openhands-client.js" in html and "/static/app.js" in html
+    assert "<script>" not in html and " on" + "click=" not in html and "style=" not in html
+    with client.get("/static/openhands-client.js") as script:
+        assert script.status_code == 200 and script.mimetype == "text/javascript"
