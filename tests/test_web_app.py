@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from .conftest import Api
 from .fake_llm import FakeLLM
 from .web_app_helpers import (
     WAIT_MS,
@@ -196,4 +197,59 @@ def test_the_list_pages_newest_first(page, start_web) -> None:
     page.go_back()
     page.wait_for_selector("#view-list:not([hidden])", timeout=WAIT_MS)
     wait_connection(page, "idle")
+    assert page.page_errors == []
+
+
+def test_the_view_follows_new_events_unless_scrolled_up(page, start_web) -> None:
+    stack = start_web()
+    cid = stack.api.create(initial_user_msg="first")
+    for i in range(15):
+        stack.api.post(cid, type="user_message", content=f"message {i}\nwith\nseveral\nlines")
+    events = settled_events(stack, cid, 16)
+    sign_in(page, stack)
+    open_conversation(page, stack, cid)
+    assert_shows_exactly(page, events)
+    at_bottom = "() => { const l = document.querySelector('#event-log');" \
+                " return l.scrollHeight - l.scrollTop - l.clientHeight < 2; }"
+    page.wait_for_function(at_bottom, timeout=WAIT_MS)
+    assert page.evaluate("() => document.querySelector('#event-log').scrollHeight > 2000")
+
+    # Scrolled up: a new event does not move the view; a button offers the way down.
+    page.evaluate("() => { document.querySelector('#event-log').scrollTop = 0; }")
+    page.wait_for_function("() => document.querySelector('#event-log').scrollTop === 0", timeout=WAIT_MS)
+    stack.api.post(cid, type="user_message", content="while you read")
+    page.wait_for_selector("#jump:not([hidden])", timeout=WAIT_MS)
+    assert page.evaluate("() => document.querySelector('#event-log').scrollTop") == 0
+    page.click("#jump")
+    page.wait_for_function(at_bottom, timeout=WAIT_MS)
+    page.wait_for_selector("#jump[hidden]", state="attached", timeout=WAIT_MS)
+
+    # At the bottom again: the answers keep it there.
+    events = settled_events(stack, cid, 17)
+    stack.api.post(cid, type="user_message", content="and one more")
+    events = settled_events(stack, cid, 18)
+    assert_shows_exactly(page, events)
+    page.wait_for_function(at_bottom, timeout=WAIT_MS)
+    assert page.page_errors == []
+
+
+def test_a_conversation_that_is_gone(page, start_web) -> None:
+    stack = start_web()
+    cid = stack.api.create(initial_user_msg="alice's")
+    bobs = Api(stack.base, stack.make_key("bob")).create(initial_user_msg="bob's")
+    sign_in(page, stack)
+    for missing in ("no-such-conversation", bobs):  # bob's is not alice's: the same 404
+        page.goto(f"{stack.base}/#/c/{missing}")
+        page.wait_for_selector("#view-list:not([hidden])", timeout=WAIT_MS)
+        page.wait_for_selector("#notice:not([hidden])", timeout=WAIT_MS)
+        assert "does not exist" in page.text_content("#notice")
+        assert "bob's" not in page.content()
+
+    # Open, then deleted elsewhere: the view says so and goes back to the list.
+    open_conversation(page, stack, cid)
+    assert stack.api.call("DELETE", f"/api/conversations/{cid}")[0] == 200
+    page.wait_for_selector("#view-list:not([hidden])", timeout=WAIT_MS)
+    page.wait_for_selector("#notice:not([hidden])", timeout=WAIT_MS)
+    assert "does not exist" in page.text_content("#notice")
+    page.wait_for_selector("#list-empty:not([hidden])", timeout=WAIT_MS)
     assert page.page_errors == []

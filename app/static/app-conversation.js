@@ -25,6 +25,7 @@ export class ConversationView {
     this.client = null;
     this.conversationId = null;
     this.follow = true;
+    this.autoTop = 0; // where scrollToEnd last put the log
     this.resetState();
     this.bindControls();
   }
@@ -239,6 +240,9 @@ export class ConversationView {
 
   /** Change the log, then scroll to its end if the user was following; else offer a jump. */
   keepFollowing(change) {
+    // The scroll event of a scroll made just now may not have come yet (it waits for a frame):
+    // the position itself says whether the user left the end since we last scrolled there.
+    if (this.follow && this.log.scrollTop < this.autoTop - FOLLOW_SLACK) this.follow = false;
     change();
     if (this.follow) this.scrollToEnd();
     else this.jump.hidden = false;
@@ -252,6 +256,7 @@ export class ConversationView {
   /** Scroll the log to its newest event. */
   scrollToEnd() {
     this.log.scrollTop = this.log.scrollHeight;
+    this.autoTop = this.log.scrollTop;
   }
 }
 

@@ -7,9 +7,11 @@ import {AGENT_STATE_LABELS, CONNECTION_LABELS} from './app-render.js';
 import {ConversationView, conversationHeading} from './app-conversation.js';
 import {ListView, confirmDelete} from './app-list.js';
 
+const GONE = 'That conversation does not exist (or was deleted).';
 const views = ['#view-loading', '#view-signin', '#view-list', '#view-conv'].map((s) => $(s));
 const api = new OpenHandsClient(null); // REST only; the session cookie authenticates it
 let signedIn = false;
+let nextNotice = ''; // said once the hash change it comes with has been routed (a route change clears the line)
 
 /** Say something on the notice line (errors the user should see); empty text hides it. */
 function notice(text) {
@@ -33,16 +35,24 @@ function showAgentState(state) {
   pill.querySelector('.pill-text').textContent = state ? AGENT_STATE_LABELS[state] || `Agent: ${state}` : 'Agent idle';
 }
 
+/** Back to the list, saying `message` there (a conversation that is gone, ...). */
+function toList(message = '') {
+  if (location.hash === '#/' || location.hash === '') {
+    notice(message);
+    route();
+  } else {
+    nextNotice = message;
+    location.hash = '#/';
+  }
+}
+
 const conversation = new ConversationView({
   onConnection: showConnection,
   onAgentState: showAgentState,
   onNotice: notice,
   onClose: (reason) => {
     if (reason === 'unauthorized') signedOut('Your session ended; sign in again.');
-    else if (reason === 'not_found') {
-      notice('That conversation does not exist (or was deleted).');
-      location.hash = '#/';
-    }
+    else if (reason === 'not_found') toList(GONE);
   },
 });
 
@@ -93,8 +103,7 @@ async function openConversation(id) {
   } catch (error) {
     if (error && error.status === 401) signedOut('Your session ended; sign in again.');
     else if (error && error.status === 404) {
-      notice('That conversation does not exist (or was deleted).');
-      location.hash = '#/';
+      if (conversation.conversationId === id) toList(GONE);
     } else notice(`Could not load the conversation: ${errorText(error)}`);
   }
   await opening;
@@ -184,7 +193,7 @@ async function deleteOpen() {
   try {
     await api.deleteConversation(id);
     conversation.close();
-    location.hash = '#/';
+    toList();
   } catch (error) {
     notice(`Could not delete the conversation: ${errorText(error)}`);
   }
@@ -196,7 +205,8 @@ async function start() {
   $('#sign-out').addEventListener('click', signOut);
   $('#conv-delete').addEventListener('click', deleteOpen);
   window.addEventListener('hashchange', () => {
-    notice('');
+    notice(nextNotice);
+    nextNotice = '';
     route();
   });
   try {
