@@ -67,14 +67,29 @@ def presented() -> Presented | None:
         key = key.strip()
         key_id = split_key(key) if scheme.lower() == "bearer" else None
         return Presented(key_id, "bearer", key) if key_id else None
-    cookie = request.cookies.get(COOKIE_NAME)
-    if not cookie:
-        return None
-    try:
-        key_id = _signer().unsign(cookie, max_age=current_app.config["SESSION_MAX_AGE_SECONDS"]).decode()
-    except BadSignature:
-        return None
+    key_id = cookie_key_id(request.cookies.getlist(COOKIE_NAME))
     return Presented(key_id, "cookie", "") if key_id else None
+
+
+def cookie_key_id(values: list[str]) -> str | None:
+    """The key id of the newest validly signed session cookie among those sent; None if none is.
+
+    A browser sends every cookie of that name that matches the path, longest path first, so a
+    page of another origin of the same site (a sibling subdomain, another port) can plant one
+    beside ours: a garbage one is skipped rather than locking the user out, and of two good ones
+    the newest signed wins (a fresh sign-in beats a planted cookie).
+    """
+    best: tuple[int, str] | None = None
+    max_age = current_app.config["SESSION_MAX_AGE_SECONDS"]
+    for value in values[:8]:  # a request carrying more is not a browser's doing; 8 bounds the work
+        try:
+            key_id, signed_at = _signer().unsign(value, max_age=max_age, return_timestamp=True)
+        except BadSignature:
+            continue
+        stamp = int(signed_at.timestamp())
+        if key_id and (best is None or stamp > best[0]):
+            best = (stamp, key_id.decode())
+    return best[1] if best else None
 
 
 def verify(creds: Presented | None, record: dict[str, str] | None) -> Caller:
@@ -93,14 +108,32 @@ def refuse_cross_origin() -> None:
     """403 for a cookie-authenticated write that a page of another origin sent (CSRF).
 
     SameSite=Lax keeps the cookie from other sites, not from other origins of the same site (a
-    sibling subdomain, another port of the host); browsers send `Origin` on every such request.
+    sibling subdomain, another port of the host, the host over plain http). Browsers say where a
+    request comes from in `Sec-Fetch-Site`, whatever the Host header a proxy passes on; older ones
+    only in `Origin`, compared with the Host header as a fallback.
     """
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        if site in ("same-origin", "none"):  # "none": the user's own doing (typed, a bookmark)
+            return
+        raise Forbidden(CROSS_ORIGIN)
     origin = request.headers.get("Origin")
     if origin is None:
-        return  # not from a browser page of another origin (curl, a same-origin form in old browsers)
-    # The host alone is compared: behind a TLS-terminating proxy the scheme seen here is http.
-    if origin == "null" or origin.partition("://")[2] != request.host:
-        raise Forbidden("a session cookie cannot be used from another origin; send the API key as a Bearer token")
+        return  # not sent by a browser page of another origin (curl, an old browser's same-origin form)
+    if origin == "null" or normal_host(origin.partition("://")[2]) != normal_host(request.headers.get("Host", "")):
+        raise Forbidden(CROSS_ORIGIN)
+
+
+CROSS_ORIGIN = "a session cookie cannot be used from another origin; send the API key as a Bearer token"
+
+
+def normal_host(host: str) -> str:
+    """A host[:port] compared case-blind, without a default port (browsers omit it in Origin)."""
+    host = host.strip().lower()
+    for default in (":80", ":443"):
+        if host.endswith(default):
+            return host[:-len(default)]
+    return host
 
 
 def authenticate() -> Caller:
@@ -138,7 +171,7 @@ def current_caller() -> Caller:
 
 
 def self_authenticating(view: F) -> F:
-    """Mark a view that authenticates its caller itself (with `authenticate_with`), not before it runs."""
+    """Mark a view that authenticates its caller itself (with `authenticate_with`), or needs none, not before it runs."""
     view.self_authenticating = True  # type: ignore[attr-defined]
     return view
 

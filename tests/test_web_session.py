@@ -1,6 +1,9 @@
 """Signing in and out of the web app (/api/session) and the security headers every answer carries."""
 from __future__ import annotations
 
+import time
+from unittest import mock
+
 from app.auth import COOKIE_NAME
 from app.web import CONTENT_SECURITY_POLICY
 
@@ -99,3 +102,47 @@ def test_the_page_is_html_and_loads_only_its_own_scripts(client):
     assert "<script>" not in html and " on" + "click=" not in html and "style=" not in html
     with client.get("/static/openhands-client.js") as script:
         assert script.status_code == 200 and script.mimetype == "text/javascript"
+
+
+
+def signed_in_cookie(client, key) -> dict[str, str]:
+    """A Cookie header holding the session cookie that signing in with `key` sets."""
+    return {"Cookie": session_cookie(client.post("/api/session", headers=bearer(key))).split(";")[0]}
+
+
+def test_sec_fetch_site_decides_whatever_host_a_proxy_passes(app, key):
+    client = app.test_client(use_cookies=False)  # the Cookie header is the test's alone
+    cookie = signed_in_cookie(client, key)
+    action = {"type": "user_message", "content": "hi"}
+    cid = client.post("/api/conversations", json={}, headers=cookie).get_json()["conversation_id"]
+    url = f"/api/conversations/{cid}/events"
+    for site in ("same-site", "cross-site"):  # e.g. a sibling subdomain, or http:// of the same host
+        assert_error(client.post(url, json=action, headers={**cookie, "Sec-Fetch-Site": site,
+                                                            "Origin": "http://localhost"}), 403, "forbidden")
+    # A proxy that passes the upstream's Host (nginx's default): the browser's own word is taken.
+    same = client.post(url, json=action, headers={**cookie, "Sec-Fetch-Site": "same-origin",
+                                                  "Host": "127.0.0.1:8000", "Origin": "https://chat.example.com"})
+    assert same.status_code == 200
+    # Without Sec-Fetch-Site, Origin against Host: case and default ports do not matter.
+    assert client.post(url, json=action, headers={**cookie, "Origin": "http://LOCALHOST:80"}).status_code == 200
+    assert client.post(url, json=action, headers={**cookie, "Origin": "https://chat.example.com",
+                                                  "Host": "Chat.Example.com:443"}).status_code == 200
+    assert_error(client.post(url, json=action, headers={**cookie, "Origin": "https://chat.example.com.evil.io",
+                                                        "Host": "chat.example.com"}), 403, "forbidden")
+
+
+def test_a_planted_session_cookie_neither_locks_out_nor_wins(app, key, make_key):
+    client = app.test_client(use_cookies=False)
+    ours = signed_in_cookie(client, key)["Cookie"]
+    # Another origin of the same site planted garbage under a longer path: sent first, skipped.
+    who = client.get("/api/session", headers={"Cookie": f"{COOKIE_NAME}=garbage; {ours}"})
+    assert who.status_code == 200 and who.get_json()["user_id"] == "alice"
+    # A valid cookie of another user, planted earlier than our sign-in: ours, the newest signed, wins.
+    signer = app.extensions["session_signer"]
+    mallory_key_id = make_key("mallory").split("_")[1]
+    with mock.patch.object(type(signer), "get_timestamp", return_value=int(time.time()) - 60):
+        planted = signer.sign(mallory_key_id).decode()
+    who = client.get("/api/session", headers={"Cookie": f"{COOKIE_NAME}={planted}; {ours}"})
+    assert who.get_json()["user_id"] == "alice"
+    assert client.get("/api/session", headers={"Cookie": f"{COOKIE_NAME}={planted}"}).get_json()["user_id"] == "mallory"
+    assert_error(client.get("/api/session", headers={"Cookie": f"{COOKIE_NAME}=garbage"}), 401)
