@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,18 +83,25 @@ def axe_source() -> str:
         if npm is None:
             unavailable("npm (for axe-core)")
         CACHE.mkdir(parents=True, exist_ok=True)
-        packed = subprocess.run([npm, "pack", f"axe-core@{AXE_VERSION}", "--pack-destination", str(CACHE),
-                                 "--silent"], capture_output=True, text=True, timeout=120)
-        if packed.returncode != 0:
-            pytest.fail(f"npm pack axe-core@{AXE_VERSION} failed: {packed.stderr.strip()[-500:]}")
-        tarball = CACHE / packed.stdout.strip().splitlines()[-1]
-        with tarfile.open(tarball) as archive:
-            script = archive.extractfile("package/axe.min.js")
-            assert script is not None, "axe-core's package has no axe.min.js"
-            partial = target.with_suffix(".part")
-            partial.write_bytes(script.read())
-            partial.replace(target)  # whole or not at all: a cut download is never taken for the script
-        tarball.unlink()
+        # A folder of this run's own: test runs side by side never share a tarball or a partial file.
+        work = Path(tempfile.mkdtemp(dir=CACHE))
+        try:
+            try:
+                packed = subprocess.run([npm, "pack", f"axe-core@{AXE_VERSION}", "--pack-destination", str(work),
+                                         "--silent"], capture_output=True, text=True, timeout=180)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"npm pack axe-core@{AXE_VERSION} took over 180 s (is the npm registry reachable?)")
+            if packed.returncode != 0:
+                pytest.fail(f"npm pack axe-core@{AXE_VERSION} failed: {packed.stderr.strip()[-500:]}")
+            with tarfile.open(work / packed.stdout.strip().splitlines()[-1]) as archive:
+                member = archive.extractfile("package/axe.min.js")
+                assert member is not None, "axe-core's package has no axe.min.js"
+                script = member.read()
+            assert b"axe.version" in script or b"axe-core" in script, "axe.min.js does not look like axe-core"
+            (work / "axe.min.js").write_bytes(script)
+            (work / "axe.min.js").replace(target)  # whole or not at all, atomically
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return target.read_text()
 
 
