@@ -79,7 +79,7 @@ def start_embedded_redis() -> subprocess.Popen | None:
         redis_server_binary(), "--port", "0", "--unixsocket", str(SOCKET), "--unixsocketperm", "700",
         "--dir", str(VAR), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
         "--logfile", str(VAR / "redis.log"), "--daemonize", "no",
-    ])
+    ], start_new_session=True)  # Ctrl-C reaches gunicorn and the agents, not Redis: it stops last, when they are done
     deadline = time.monotonic() + 30
     while not redis_answers(SOCKET):
         if proc.poll() is not None or time.monotonic() > deadline:
