@@ -41,7 +41,7 @@ def test_unknown_api_path_is_a_json_404(client, key, path, authenticated):
     assert_error(client.post(path, headers=headers, json={}), 404, "not_found")
 
 
-@pytest.mark.parametrize("path", ["/", "/nothing", "/static/x.js"])
+@pytest.mark.parametrize("path", ["/nothing", "/static/x.js", "/index.html"])  # "/" is the web app
 def test_unknown_path_outside_the_api_is_a_json_404_too(client, path):
     assert_error(client.get(path), 404, "not_found")
 
