@@ -11,6 +11,11 @@ worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "19500"))
 timeout = 30
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "10"))
 keepalive = 5
+# gunicorn's own X-Forwarded-Proto handling (wsgi.url_scheme from a peer listed here) trusts
+# loopback by default, so any local process could mark its request https; no peer is trusted
+# unless FORWARDED_ALLOW_IPS names it. Behind a proxy use TRUSTED_PROXIES (the app's ProxyFix)
+# instead: it also takes the client's address and host. Both may be on; they read the same header.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "")
 # Never preload: the gevent worker must patch before the app (and ssl, redis) is imported.
 preload_app = False
 control_socket_disable = os.environ.get("GUNICORN_CONTROL_SOCKET", "") == ""

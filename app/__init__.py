@@ -24,6 +24,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = load_settings()
     settings.update(config or {})
     app.config.update(settings)
+    if app.config["TRUSTED_PROXIES"]:
+        # Each trusted proxy appends one X-Forwarded-For entry and overwrites -Proto and -Host, so
+        # the n-th value from the right is the one our own outermost proxy saw; a direct client's
+        # headers are believed only with a count above 0 (then gunicorn must be reachable by the proxies alone).
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        count = app.config["TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=count)  # type: ignore[method-assign]
     # Every JSON body the API takes is capped; Werkzeug answers 413 past it, even when chunked.
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_EVENT_BYTES"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")

@@ -113,6 +113,10 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         str(SECRET_KEY_FILE), _str, "where the cookie secret is kept when SECRET_KEY is empty (made if missing)",
     ),
     "SESSION_MAX_AGE_SECONDS": ("604800", _int(60), "lifetime of the session cookie"),
+    "TRUSTED_PROXIES": (
+        "0", _int(0, 10), "proxies in front whose X-Forwarded-For/-Proto/-Host are believed (werkzeug's ProxyFix); "
+        "0: none. Set it only when nothing but those proxies can reach gunicorn",
+    ),
     "AGENT": (
         "auto", _str, "the agent that answers: echo, readme, llm, auto (readme for conversations with a repository, "
         "echo for the others) or module:Class",

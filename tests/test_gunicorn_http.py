@@ -224,12 +224,24 @@ def session_cookie_attributes(headers: list[tuple[str, str]]) -> set[str]:
     return {part.strip().lower() for part in cookie.split(";")[1:]}
 
 
-def test_x_forwarded_proto_https_from_loopback_makes_the_cookie_secure(api, conn):
-    # 127.0.0.1 is in gunicorn's default forwarded_allow_ips: it is trusted as a proxy.
+def test_x_forwarded_proto_https_from_a_peer_in_forwarded_allow_ips_makes_the_cookie_secure(start_server, make_key):
+    # gunicorn.conf.py trusts no peer unless FORWARDED_ALLOW_IPS names it (gunicorn's own default is loopback).
+    server = start_server(MAX_EVENT_BYTES=str(LIMIT), FORWARDED_ALLOW_IPS="127.0.0.1")
+    conn = Connection(server.port)
+    try:
+        conn.send(request("GET", "/api/conversations", make_key("alice"), {"X-Forwarded-Proto": "https"}))
+        status, headers, answer = conn.response()
+    finally:
+        conn.close()
+    assert status == 200, answer
+    assert {"secure", "httponly", "samesite=lax", "path=/"} <= session_cookie_attributes(headers)
+
+
+def test_x_forwarded_proto_from_loopback_is_ignored_by_default(api, conn):
     conn.send(request("GET", "/api/conversations", api.key, {"X-Forwarded-Proto": "https"}))
     status, headers, answer = conn.response()
     assert status == 200, answer
-    assert {"secure", "httponly", "samesite=lax", "path=/"} <= session_cookie_attributes(headers)
+    assert "secure" not in session_cookie_attributes(headers)
 
 
 def test_without_x_forwarded_proto_the_cookie_is_not_secure(api, conn):

@@ -1,0 +1,428 @@
+"""Behind a real nginx (deploy/nginx.conf) over TLS and HTTP/2, in front of real gunicorn servers; and ProxyFix."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app import create_app
+from app.redis import close
+
+from .conftest import bearer
+from .nginx import Nginx, make_certificate, nginx_binary, open_tls_stream, tls_context
+from .servers import Gunicorn, wait_until
+from .sse_client import SSEStream
+
+SSE = "/api/sse/conversations/{}/events"
+# A second loopback address for the client, so that its address differs from nginx's own.
+CLIENT_ADDRESS = "127.0.0.2"
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, for the module (skips without nginx)."""
+    nginx_binary()
+    return make_certificate(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture()
+def start_nginx(tmp_path: Path, certificate: tuple[Path, Path]) -> Iterator[Callable[..., Nginx]]:
+    """Start nginx in front of gunicorn servers; every nginx is stopped after the test."""
+    started: list[Nginx] = []
+
+    def start(servers: list[Gunicorn], stream_read_timeout: str = "60s") -> Nginx:
+        front = Nginx(tmp_path / f"nginx-{len(started) + 1}", *certificate,
+                      [f"127.0.0.1:{s.port}" for s in servers], stream_read_timeout=stream_read_timeout)
+        started.append(front)
+        return front.start()
+
+    yield start
+    for front in started:
+        front.stop()
+
+
+class HttpsApi:
+    """A JSON client through nginx over https (HTTP/1.1), from CLIENT_ADDRESS."""
+
+    def __init__(self, base: str, key: str, cert: Path):
+        context = ssl.create_default_context(cafile=str(cert))
+        transport = httpx.HTTPTransport(verify=context, local_address=CLIENT_ADDRESS)
+        self.http = httpx.Client(base_url=base, transport=transport, timeout=10)
+        self.key = key
+
+    def call(self, method: str, path: str, body: object | None = None, headers: dict[str, str] | None = None,
+             auth: bool = True) -> httpx.Response:
+        """The response to one request."""
+        sent = {**(bearer(self.key) if auth else {}), **(headers or {})}
+        return self.http.request(method, path, json=body, headers=sent)
+
+    def create(self) -> str:
+        """Create a conversation; its id."""
+        response = self.call("POST", "/api/conversations", {})
+        assert response.status_code == 200, response.text
+        return response.json()["conversation_id"]
+
+    def post(self, cid: str, content: str, idempotency_key: str | None = None) -> int:
+        """Post a message; its event id. Retried (same Idempotency-Key) while nginx finds no live server."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                response = self.call("POST", f"/api/conversations/{cid}/events",
+                                     {"type": "user_message", "content": content}, headers)
+                if response.status_code == 200:
+                    return response.json()["event_id"]
+                retriable = idempotency_key is not None and response.status_code in (502, 503, 504)
+                failure = f"{response.status_code} {response.text}"
+            except httpx.TransportError as err:
+                retriable, failure = idempotency_key is not None, repr(err)
+            if not retriable or time.monotonic() > deadline:
+                raise AssertionError(f"post {content!r} failed: {failure}")
+
+    def close(self) -> None:
+        """Close its connections."""
+        self.http.close()
+
+
+@pytest.fixture()
+def https_api(make_key, certificate) -> Iterator[Callable[[Nginx], HttpsApi]]:
+    """Make alice's JSON clients through an nginx; closed after the test."""
+    made: list[HttpsApi] = []
+
+    def make(front: Nginx) -> HttpsApi:
+        made.append(HttpsApi(front.base, make_key("alice"), certificate[0]))
+        return made[-1]
+
+    yield make
+    for api in made:
+        api.close()
+
+
+def stream_through(front: Nginx, cert: Path, cid: str, key: str, headers: dict[str, str] | None = None) -> SSEStream:
+    """An open stream of conversation `cid` through nginx, its connection event read."""
+    stream = open_tls_stream(front.https_port, SSE.format(cid), tls_context(cert),
+                             {**bearer(key), **(headers or {})}, source=CLIENT_ADDRESS)
+    assert stream.status == 200, stream.headers
+    (hello,) = stream.take(1)
+    assert hello.event == "connection"
+    return stream
+
+
+# (1) No buffering ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_each_event_reaches_the_client_through_nginx_as_soon_as_it_is_posted(start_server, start_nginx, https_api,
+                                                                              certificate):
+    server = start_server(SSE_HEARTBEAT_SECONDS="15", TRUSTED_PROXIES="1")
+    front = start_nginx([server])
+    api = https_api(front)
+    cid = api.create()
+    # Asking for gzip: nginx must not compress (and so hold back) the stream.
+    stream = stream_through(front, certificate[0], cid, api.key, {"Accept-Encoding": "gzip"})
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert "content-encoding" not in stream.headers
+    delays = []
+    for n in range(20):
+        posted = time.monotonic()
+        assert api.post(cid, f"m{n}") == n
+        (event,) = stream.take(1, timeout=10)
+        delays.append(time.monotonic() - posted)
+        assert event.id == str(n) and event.json()["content"] == f"m{n}"
+    # The next heartbeat is 15 s away: an event that waited in a buffer would take that long.
+    assert max(delays) < 2, [round(d, 3) for d in delays]
+
+
+# (2) Heartbeats and proxy_read_timeout ---------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_heartbeats_keep_an_idle_stream_open_past_the_read_timeout(start_server, start_nginx, https_api, certificate):
+    quiet = start_server(SSE_HEARTBEAT_SECONDS="15")
+    beating = start_server(SSE_HEARTBEAT_SECONDS="1")
+    quiet_front = start_nginx([quiet], stream_read_timeout="3s")
+    beating_front = start_nginx([beating], stream_read_timeout="3s")
+    api = https_api(beating_front)
+    cid = api.create()
+
+    # The 3 s are real: a stream silent for longer is cut by nginx.
+    cut = stream_through(quiet_front, certificate[0], cid, api.key)
+    idle_since = time.monotonic()
+    assert cut.ended(timeout=15)
+    assert 2.5 < time.monotonic() - idle_since < 8
+
+    stream = stream_through(beating_front, certificate[0], cid, api.key)
+    opened, pings = time.monotonic(), 0
+    for item in stream.events(timeout=3, comments=True):
+        pings += item.comment == "ping"
+        if time.monotonic() - opened > 6.5:
+            break
+    assert time.monotonic() - opened > 6.5, f"the stream ended after {time.monotonic() - opened:.1f} s"
+    assert pings >= 5
+    assert api.post(cid, "still there") == 0
+    (event,) = stream.take(1, timeout=5)
+    assert event.id == "0"
+
+
+# (3) Last-Event-ID -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_last_event_id_passes_through_nginx(start_server, start_nginx, https_api, certificate):
+    front = start_nginx([start_server()])
+    api = https_api(front)
+    cid = api.create()
+    for n in range(5):
+        api.post(cid, f"m{n}")
+    stream = open_tls_stream(front.https_port, SSE.format(cid), tls_context(certificate[0]),
+                             {**bearer(api.key), "Last-Event-ID": "2"})
+    hello, *events = stream.take(3)
+    assert hello.json()["latest_event_id"] == 2
+    assert [e.id for e in events] == ["3", "4"]
+    api.post(cid, "m5")
+    assert [e.id for e in stream.take(1)] == ["5"]
+
+
+# (4) Forwarded headers: Secure cookie, client address, Host ------------------------------------
+
+
+def session_cookie_attributes(response: httpx.Response) -> set[str]:
+    """The attributes of the one session cookie set, lower-cased."""
+    (cookie,) = [v for v in response.headers.get_list("set-cookie") if v.startswith("oh_session=")]
+    return {part.strip().lower() for part in cookie.split(";")[1:]}
+
+
+def access_log_addresses(path: Path, what: str) -> list[str]:
+    """The client addresses of gunicorn's access log lines that contain `what`."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [line.split()[0] for line in lines if what in line]
+
+
+@pytest.mark.timeout(90)
+def test_behind_nginx_the_cookie_is_secure_and_the_client_address_is_the_clients(
+        start_server, start_nginx, https_api, certificate, tmp_path):
+    log = tmp_path / "access-behind.log"
+    server = start_server(TRUSTED_PROXIES="1", ACCESS_LOG=str(log))
+    front = start_nginx([server])
+    api = https_api(front)
+    # The client's own forwarded headers are overwritten (or appended to) by nginx, never believed.
+    spoofed = {"X-Forwarded-Proto": "http", "X-Forwarded-For": "203.0.113.7", "X-Forwarded-Host": "evil.example"}
+    response = api.call("GET", "/api/conversations?limit=1&probe=behind", headers=spoofed)
+    assert response.status_code == 200, response.text
+    assert {"secure", "httponly", "samesite=lax", "path=/"} <= session_cookie_attributes(response)
+    assert wait_until(lambda: access_log_addresses(log, "probe=behind"), 10, what="the access log line") \
+        == [CLIENT_ADDRESS]
+
+    # The Host the browser sent reaches the app: a cookie write from this origin passes, from another not.
+    origin = f"https://127.0.0.1:{front.https_port}"
+    cookie = {"Cookie": response.headers["set-cookie"].split(";")[0]}
+    same = api.call("POST", "/api/conversations", {}, {**cookie, **spoofed, "Origin": origin}, auth=False)
+    assert same.status_code == 200, same.text
+    other = api.call("POST", "/api/conversations", {}, {**cookie, "Origin": "https://evil.example"}, auth=False)
+    assert other.status_code == 403, other.text
+
+    # Plain http is never served: it sends the browser to https.
+    plain = httpx.get(f"http://127.0.0.1:{front.http_port}/api/conversations", headers=bearer(api.key), timeout=10)
+    assert plain.status_code == 308 and plain.headers["location"].startswith("https://127.0.0.1")
+    assert "set-cookie" not in plain.headers
+
+
+@pytest.mark.timeout(60)
+def test_a_direct_clients_spoofed_forwarded_headers_are_ignored_by_default(start_server, make_key, tmp_path):
+    log = tmp_path / "access-direct.log"
+    server = start_server(ACCESS_LOG=str(log))  # TRUSTED_PROXIES and FORWARDED_ALLOW_IPS unset
+    transport = httpx.HTTPTransport(local_address=CLIENT_ADDRESS)
+    with httpx.Client(base_url=server.base, transport=transport, timeout=10) as http:
+        response = http.get("/api/conversations?probe=direct", headers={
+            **bearer(make_key("alice")), "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7",
+            "X-Forwarded-Ssl": "on"})
+    assert response.status_code == 200, response.text
+    attributes = session_cookie_attributes(response)
+    assert {"httponly", "samesite=lax", "path=/"} <= attributes and "secure" not in attributes
+    assert wait_until(lambda: access_log_addresses(log, "probe=direct"), 10, what="the access log line") \
+        == [CLIENT_ADDRESS]
+
+
+def whoami_app(redis_url: str, **config: object):
+    """The app with a route that shows what it believes of the request."""
+    app = create_app({"REDIS_URL": redis_url, "TESTING": True, **config})
+
+    @app.get("/_whoami")
+    def whoami() -> dict[str, object]:
+        from flask import request
+        return {"secure": request.is_secure, "remote_addr": request.remote_addr, "host": request.host}
+
+    return app
+
+
+ONE_PROXY = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7", "X-Forwarded-Host": "chat.example.com"}
+# Each proxy appends its value; the rightmost is the innermost proxy's.
+TWO_PROXIES = {"X-Forwarded-Proto": "https, http", "X-Forwarded-For": "203.0.113.7, 198.51.100.2",
+               "X-Forwarded-Host": "chat.example.com, lb.internal"}
+
+
+@pytest.mark.parametrize(("trusted", "headers", "expected"), [
+    (0, ONE_PROXY, {"secure": False, "remote_addr": "192.0.2.10", "host": "app.internal:8000"}),
+    (1, ONE_PROXY, {"secure": True, "remote_addr": "203.0.113.7", "host": "chat.example.com"}),
+    (1, TWO_PROXIES, {"secure": False, "remote_addr": "198.51.100.2", "host": "lb.internal"}),
+    (2, TWO_PROXIES, {"secure": True, "remote_addr": "203.0.113.7", "host": "chat.example.com"}),
+    (2, ONE_PROXY, {"secure": False, "remote_addr": "192.0.2.10", "host": "app.internal:8000"}),
+])
+def test_trusted_proxies_decides_which_forwarded_values_are_believed(redis_server, redis_client, trusted, headers,
+                                                                     expected):
+    """Values are taken from the right, as many as there are trusted proxies; fewer than that: none."""
+    app = whoami_app(redis_server.url, TRUSTED_PROXIES=trusted)
+    try:
+        response = app.test_client().get("/_whoami", headers={"Host": "app.internal:8000", **headers},
+                                          environ_base={"REMOTE_ADDR": "192.0.2.10"})
+    finally:
+        close(app.extensions["redis"])
+    assert response.get_json() == expected
+
+
+def test_trusted_proxies_is_read_from_the_environment_and_bounded(monkeypatch):
+    from app.config import ConfigError, load_settings
+
+    assert load_settings({})["TRUSTED_PROXIES"] == 0
+    assert load_settings({"TRUSTED_PROXIES": "1"})["TRUSTED_PROXIES"] == 1
+    for bad in ("-1", "11", "one"):
+        with pytest.raises(ConfigError, match="TRUSTED_PROXIES"):
+            load_settings({"TRUSTED_PROXIES": bad})
+
+
+# (5) HTTP/2: many streams on one connection ----------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_over_http2_one_connection_carries_20_concurrent_streams(start_server, start_nginx, make_key, certificate):
+    # Heartbeats of 1 s: httpcore may hand a stream's bytes over only once more arrive on the connection.
+    server = start_server(SSE_HEARTBEAT_SECONDS="1")
+    front = start_nginx([server])
+    count, events = 20, 5
+    context = ssl.create_default_context(cafile=str(certificate[0]))
+    with httpx.Client(http2=True, verify=context, base_url=front.base, headers=bearer(make_key("alice")),
+                      timeout=15) as client:
+        created = client.post("/api/conversations", json={})
+        assert created.http_version == "HTTP/2", created.http_version
+        cid = created.json()["conversation_id"]
+        received: dict[int, list[int]] = {}
+        versions: dict[int, str] = {}
+
+        def listen(n: int) -> None:
+            received[n] = []
+            with client.stream("GET", SSE.format(cid)) as response:
+                versions[n] = f"{response.status_code} {response.http_version}"
+                for line in response.iter_lines():
+                    if line.startswith("id: "):
+                        received[n].append(int(line[4:]))
+                        if len(received[n]) == events:
+                            return
+
+        listeners = [threading.Thread(target=listen, args=(n,), daemon=True) for n in range(count)]
+        for listener in listeners:
+            listener.start()
+        wait_until(lambda: json.loads(httpx.get(server.base + "/healthz", timeout=5).text)["streams"] == count,
+                   15, what=f"{count} streams open in gunicorn")
+        for n in range(events):
+            posted = client.post(f"/api/conversations/{cid}/events", json={"type": "user_message", "content": f"m{n}"})
+            assert posted.status_code == 200 and posted.http_version == "HTTP/2", posted.text
+        for listener in listeners:
+            listener.join(20)
+    assert versions == {n: "200 HTTP/2" for n in range(count)}
+    assert received == {n: list(range(events)) for n in range(count)}
+    # nginx numbers its client connections: the create, the posts and all 20 streams shared one.
+    lines = wait_until(lambda: [line for line in front.access_log() if "/api/" in line]
+                       if sum("/api/sse/" in line for line in front.access_log()) == count else None,
+                       10, what="the streams in nginx's access log")
+    assert {line.split()[2] for line in lines} == {"HTTP/2.0"}
+    assert len({line.split()[1] for line in lines}) == 1, lines
+    assert len(lines) == 1 + events + count
+
+
+# (6) An upstream killed mid-stream -------------------------------------------------------------
+
+
+class Reader(threading.Thread):
+    """One client's stream through nginx, reopened with Last-Event-ID whenever it ends, until `want` events."""
+
+    def __init__(self, front: Nginx, cert: Path, cid: str, key: str, want: int):
+        super().__init__(daemon=True)
+        self.front, self.cert, self.cid, self.key, self.want = front, cert, cid, key, want
+        self.ids: list[int] = []
+        self.opens = 0
+        self.error: BaseException | None = None
+
+    def open(self) -> SSEStream | None:
+        """A stream resumed after the last id seen; None if nginx found no server to take it yet."""
+        headers = {"Last-Event-ID": str(self.ids[-1])} if self.ids else {}
+        try:
+            stream = open_tls_stream(self.front.https_port, SSE.format(self.cid), tls_context(self.cert),
+                                     {**bearer(self.key), **headers})
+        except OSError:
+            return None
+        if stream.status != 200:
+            stream.close()
+            return None
+        self.opens += 1
+        return stream
+
+    def run(self) -> None:
+        """Read until every event came, reconnecting as an EventSource does."""
+        try:
+            deadline = time.monotonic() + 60
+            while len(self.ids) < self.want and time.monotonic() < deadline:
+                stream = wait_until(self.open, 15, what="a stream through nginx")
+                for event in stream.events(timeout=30):
+                    if event.id is not None:
+                        self.ids.append(int(event.id))
+                        if len(self.ids) >= self.want:
+                            break
+                stream.close()
+        except BaseException as err:  # reported by the test
+            self.error = err
+
+
+@pytest.mark.timeout(120)
+def test_one_upstream_killed_mid_stream_its_clients_resume_on_the_other_and_lose_nothing(
+        start_server, start_nginx, https_api, certificate):
+    first = start_server(SSE_HEARTBEAT_SECONDS="1", TRUSTED_PROXIES="1")
+    second = start_server(SSE_HEARTBEAT_SECONDS="1", TRUSTED_PROXIES="1")
+    front = start_nginx([first, second])
+    api = https_api(front)
+    cid = api.create()
+    clients, before, after = 10, 10, 30
+    readers = [Reader(front, certificate[0], cid, api.key, before + after) for _ in range(clients)]
+    for reader in readers:
+        reader.start()
+
+    def streams(server: Gunicorn) -> int:
+        return json.loads(httpx.get(server.base + "/healthz", timeout=5).text)["streams"]
+
+    def all_open() -> tuple[int, int] | None:
+        counts = (streams(first), streams(second))
+        return counts if sum(counts) == clients else None
+
+    counts = wait_until(all_open, 20, what="every stream open")
+    assert min(counts) >= 1, f"nginx sent every stream to one server: {counts}"
+    for n in range(before):
+        assert api.post(cid, f"m{n}", idempotency_key=f"k{n}") == n
+    wait_until(lambda: all(len(r.ids) >= before for r in readers), 15, what="the first events everywhere")
+
+    os.killpg(first.proc.pid, signal.SIGKILL)  # master and workers at once: no goodbye to any stream
+    # Posts go on through nginx at once; one that met the dying server is sent again with its key.
+    for n in range(before, before + after):
+        assert api.post(cid, f"m{n}", idempotency_key=f"k{n}") == n
+    for reader in readers:
+        reader.join(60)
+    for reader in readers:
+        assert reader.error is None, reader.error
+        assert reader.ids == list(range(before + after)), reader.ids
+    assert sum(r.opens for r in readers) >= clients + counts[0], "the killed server's clients reconnected"
