@@ -171,7 +171,7 @@ def current_caller() -> Caller:
 
 
 def self_authenticating(view: F) -> F:
-    """Mark a view that authenticates its caller itself (with `authenticate_with`), or needs none, not before it runs."""
+    """Mark a view that authenticates its caller itself (`authenticate_with`) or needs none: not before it runs."""
     view.self_authenticating = True  # type: ignore[attr-defined]
     return view
 
