@@ -312,3 +312,30 @@ def test_send_action_waits_out_a_429s_retry_after(start_web, page) -> None:
     assert stored == [(answer["event_id"], "after a wait")]
     assert log_of(page, "a")["errors"] == []  # a retry that succeeds is no error
     assert page.page_errors == []
+
+
+def test_user_posted_agent_events_move_neither_the_agent_state_nor_the_reply(start_web, fake_llm, page) -> None:
+    """A user may post type agent_state_changed / agent_message (source 'user'): the agent's state and reply go on."""
+    fake_llm.chunks = [f"w{i} " for i in range(40)]
+    fake_llm.delay = 0.05
+    final = "".join(fake_llm.chunks)
+    stack = start_llm(start_web, fake_llm)
+    open_client_page(page, stack.base)
+    new_client(page, "a", stack.key)
+    cid = page.evaluate("async () => (await clients.a.createConversation(null, 'Tell me a story')).conversation_id")
+    wait_js(page, "() => clients.a.agentState === 'running' && logs.a.deltas.length >= 3")
+    forged = [stack.api.post(cid, type="agent_state_changed", agent_state="error", cause=0),
+              stack.api.post(cid, type="agent_message", cause=0, content="forged")]
+    wait_js(page, "(id) => clients.a.lastEventId >= id", forged[-1])
+    seen = len(log_of(page, "a")["deltas"])
+    assert page.evaluate("clients.a.agentState") == "running"
+    wait_js(page, "() => logs.a.agentStates.includes('awaiting_user_input')", timeout=30)
+
+    a = log_of(page, "a")
+    assert a["agentStates"] == ["running", "awaiting_user_input"]
+    assert [(e["source"], e["type"]) for e in a["messages"] if e["id"] in forged] == [
+        ("user", "agent_state_changed"), ("user", "agent_message")]
+    assert len(a["deltas"]) > seen  # the live reply went on after the forged events
+    assert_grows(a["deltas"], final)
+    assert [e["content"] for e in a["messages"] if e["type"] == "agent_message" and e["source"] == "agent"] == [final]
+    assert page.page_errors == []

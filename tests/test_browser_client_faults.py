@@ -4,6 +4,7 @@ Pages and helpers as in test_browser_client.py; every event must reach the page 
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -79,7 +80,7 @@ def test_killed_worker_every_event_once_in_order(start_web, page) -> None:
 
 
 def test_redis_down_the_client_reopens_the_stream_itself(start_web, page, tmp_path) -> None:
-    """Redis stopped, the stream's worker killed: a 503 closes the EventSource; the client reopens it later."""
+    """Redis stopped, the stream's worker killed: its URL answers 503 for a while; the client reopens it later."""
     own = RedisServer(tmp_path / "own-redis", appendonly=True).start()
     try:
         stack = start_web(agent="echo", redis_url=own.url, SSE_RETRY_MS="300", REDIS_TIMEOUT_SECONDS="1")
@@ -92,9 +93,17 @@ def test_redis_down_the_client_reopens_the_stream_itself(start_web, page, tmp_pa
         wait_js(page, "() => clients.a.lastEventId === 2")
 
         own.stop()
-        kill_worker(stack)  # the stream ends; its reconnect is answered 503, which an EventSource never retries
-        wait_js(page, "() => logs.a.errors.some((e) => e.type === 'sse' && e.readyState === EventSource.CLOSED)")
+        probes: list[int] = []
+        page.on("response", lambda r: r.request.method == "HEAD" and probes.append(r.status))
+        kill_worker(stack)  # the stream ends; the client's probes of its URL are answered 503 until Redis is back
+        for _ in range(200):  # Playwright dispatches the page's events while the page is waited on
+            if 503 in probes:
+                break
+            page.wait_for_timeout(100)
+        assert 503 in probes, probes
         assert page.evaluate("clients.a.state") == "reconnecting"
+        # One error, the stream's end: a probe that may succeed later is no error.
+        assert [e["type"] for e in log_of(page, "a")["errors"]] == ["sse"]
         own.start()  # same port, same append-only file
         wait_until(lambda: stack.api.call("GET", f"/api/conversations/{cid}")[0] == 200, 20, what="the service back")
         for i in range(3):
@@ -180,3 +189,33 @@ def test_history_truncated_is_surfaced_and_delivery_goes_on(start_web, page) -> 
     kept = rest_events(stack.api, cid)
     assert [e for e in a["messages"] if e["id"] >= kept[0]["id"]] == kept
     assert page.page_errors == []
+
+
+def test_a_delta_after_a_gap_is_dropped_until_the_text_so_far(start_web, page) -> None:
+    """A delta starting past the reply so far is never glued on; the reply's deltas wait for an offset-0 one."""
+    stack = start_web(agent="echo")
+    cid = stack.api.create()
+    opening = {"type": "connection_established", "connection_id": "x", "conversation_id": cid,
+               "latest_event_id": -1, "providers_set": ["github"], "agent_state": "running"}
+    deltas = [(0, 0, "ab"), (0, 5, "XYZ"), (0, 2, "cd"), (1, 0, "ok"), (0, 0, "ab😀defg"), (0, 7, "h"), (1, 2, "!")]
+    stream = f"retry: 60000\nevent: connection\ndata: {json.dumps(opening)}\n\n" + "".join(
+        f"event: agent_message_delta\ndata: {json.dumps({'cause': c, 'offset': o, 'text': t})}\n\n"
+        for c, o, t in deltas)
+    served: list[str] = []
+
+    def first_stream_made_up(route: Any) -> None:
+        if route.request.method != "GET" or served:
+            return route.continue_()  # the probe, and the reconnects: the real (empty) conversation
+        served.append(route.request.url)
+        return route.fulfill(status=200, content_type="text/event-stream", body=stream)
+
+    page.route(f"{stack.base}/api/sse/**", first_stream_made_up)
+    open_client_page(page, stack.base)
+    new_client(page, "a", stack.key, FAST)
+    connect(page, "a", cid)
+    wait_js(page, "() => logs.a.deltas.length >= 5")
+    page.wait_for_timeout(300)
+    got = [(d["cause"], d["offset"], d["content"]) for d in log_of(page, "a")["deltas"]]
+    # (0, 5) would have made "abXYZ", and (0, 2) after it "abcd": both dropped; cause 1 is not held up.
+    assert got == [(0, 0, "ab"), (1, 0, "ok"), (0, 0, "ab😀defg"), (0, 7, "ab😀defgh"), (1, 2, "ok!")]
+    assert served and page.page_errors == []

@@ -4,19 +4,22 @@
  * It keeps the public API of the product document's `OpenHandsClient` (constructor, properties,
  * `createConversation`, `connect`, `sendAction`, `sendUserMessage`, `disconnect`, `on`, `off`, and
  * the `message` / `connection` / `error` / `close` events), and adds what a real page needs: every
- * stored event exactly once and in id order across reconnects, reconnection when the browser's
- * EventSource gives up, safe retries of posted actions (one `Idempotency-Key` per action), live
- * reply deltas rebuilt into the reply so far, the agent's state, `stop()`, and REST helpers.
+ * stored event exactly once and in id order across reconnects, reconnection of its own (capped
+ * exponential backoff with full jitter, after asking the stream's URL whether to go on), safe
+ * retries of posted actions (one `Idempotency-Key` per action), live reply deltas rebuilt into the
+ * reply so far, the agent's state, `stop()`, and REST helpers.
  *
  * An ES module, the entry point: the class and its stream (reconnection, delivery once and in order)
- * are here; the REST half is in openhands-rest.js and the live replies in openhands-replies.js,
- * imported by relative paths (so any base path works). It also sets `globalThis.OpenHandsClient` (and
+ * are here; the REST half is in openhands-rest.js, the probe of the stream's URL (and the types of
+ * the stream's events) in openhands-stream.js, the live replies in openhands-replies.js, imported by
+ * relative paths (so any base path works). It also sets `globalThis.OpenHandsClient` (and
  * `globalThis.OpenHandsError`) when not already set, so a classic script placed after
  * `<script type="module" src="/static/openhands-client.js">` (deferred) can use it.
  */
 
 import { OpenHandsError, OpenHandsRest } from './openhands-rest.js';
 import { LiveReplies } from './openhands-replies.js';
+import { probeStream } from './openhands-stream.js';
 
 export { OpenHandsError };
 
@@ -24,44 +27,18 @@ export { OpenHandsError };
 /** @typedef {import('./openhands-rest.js').ClientErrorEvent} ClientErrorEvent */
 /** @typedef {import('./openhands-rest.js').ClientOptions} ClientOptions */
 /** @typedef {import('./openhands-replies.js').ReplyDelta} ReplyDelta */
+/** @typedef {import('./openhands-stream.js').ConnectionInfo} ConnectionInfo */
+/** @typedef {import('./openhands-stream.js').StateChange} StateChange */
+/** @typedef {import('./openhands-stream.js').ConnectionState} ConnectionState */
+/** @typedef {import('./openhands-stream.js').HistoryTruncated} HistoryTruncated */
+/** @typedef {import('./openhands-stream.js').CloseInfo} CloseInfo */
 
 /** The first message of a conversation when none is given (the product document's). */
 const DEFAULT_INITIAL_MESSAGE =
   'Check whether there is any incorrect information in the README.md file and send me updates';
 
-/**
- * The data of the server's `connection` event, with `type: 'sse'` first (the product document's
- * shape: the server's own `type`, `connection_established`, follows and wins).
- * @typedef {Object} ConnectionInfo
- * @property {string} type
- * @property {string} connection_id
- * @property {string} conversation_id
- * @property {number} latest_event_id the id the stream resumes after
- * @property {string[]} providers_set
- * @property {?string} agent_state
- */
-
-/** @typedef {'idle'|'connecting'|'open'|'reconnecting'|'closed'} ConnectionState */
-
-/**
- * The argument of a `state` handler.
- * @typedef {Object} StateChange
- * @property {ConnectionState} state the new state
- * @property {ConnectionState} previous
- * @property {number} attempt reconnection attempts since the stream was last open (0 when open)
- * @property {?number} delayMs when the client itself reopens the stream: in how long; null when
- *   the browser's EventSource is reconnecting by itself (after the server's `retry:` delay)
- */
-
-/**
- * @typedef {Object} HistoryTruncated
- * @property {number} earliest_event_id the oldest event still kept; delivery goes on from it
- */
-
-/**
- * @typedef {Object} CloseInfo
- * @property {'disconnect'|'not_found'|'unauthorized'} reason
- */
+/** A stream open this long (or one that delivered a new event) was healthy: backoff starts over. */
+const STABLE_MS = 5000;
 
 /**
  * Whether `value` is an integer >= `min`.
@@ -85,7 +62,9 @@ export class OpenHandsClient extends OpenHandsRest {
    */
   constructor(apiKey, baseUrl = '', options = {}) {
     super(apiKey, baseUrl, options);
-    /** @type {?EventSource} the stream's EventSource, while one is open or opening */
+    /** @type {?EventSource} the stream's EventSource, while one is open or opening; null while the
+     * client waits to reconnect or probes the stream's URL (so, with a key, right after a connect()
+     * not awaited: the EventSource is made once the first Bearer request has set the cookie) */
     this.eventSource = null;
     /** @type {boolean} true from connect() until the client closes */
     this.connected = false;
@@ -103,8 +82,12 @@ export class OpenHandsClient extends OpenHandsRest {
     this._generation = 0;
     /** @private */
     this._timer = null;
-    /** @private */
+    /** @private reopening attempts since a stream was last healthy */
     this._attempt = 0;
+    /** @private when the stream's `connection` event came (null: not open) */
+    this._openedAt = null;
+    /** @private whether the open stream delivered a new stored event */
+    this._delivered = false;
     /** @private the replies being streamed, rebuilt from their deltas */
     this._replies = new LiveReplies();
   }
@@ -136,26 +119,32 @@ export class OpenHandsClient extends OpenHandsRest {
   // ---- the stream ----------------------------------------------------------------------------
 
   /**
-   * Open the conversation's stream (replacing any open one). Connecting to another conversation
-   * starts from `latestEventId`; the same one again resumes from what was already delivered.
+   * Open the conversation's stream (replacing any open one). With `latestEventId` given, delivery
+   * starts after it (-1: the whole history again, even on the conversation already connected);
+   * without it, another conversation starts from the beginning and the same one again resumes
+   * after what was already delivered (as the client's own reconnects do).
+   *
+   * With a key and no session cookie yet, the stream's URL is asked first (a Bearer request sets
+   * the cookie an EventSource needs): until then `eventSource` is null, so await the call to use it.
+   * A stream that can never work (`400`, `401`, `403`, `404`) closes the client; anything else
+   * (`429`, `5xx`, no answer) is retried after backoff.
    * @param {?string} [conversationId=null] null: the current one
-   * @param {number} [latestEventId=-1] the last event id the caller has (-1: from the beginning)
+   * @param {?number} [latestEventId] the last event id the caller has (-1: from the beginning)
    * @param {string[]|string} [providersSet=['github']]
    * @returns {Promise<OpenHandsClient>}
    */
-  async connect(conversationId = null, latestEventId = -1, providersSet = ['github']) {
+  async connect(conversationId = null, latestEventId = undefined, providersSet = ['github']) {
     if (conversationId) this.conversationId = conversationId;
     if (!this.conversationId) {
       throw new OpenHandsError('No conversation ID provided', { code: 'no_conversation' });
     }
-    const start = isInt(Number(latestEventId), -1) ? Number(latestEventId) : -1;
-    if (this.conversationId !== this._streamConversation) {
+    const given = latestEventId !== undefined && latestEventId !== null;
+    const start = given && isInt(Number(latestEventId), -1) ? Number(latestEventId) : -1;
+    if (this.conversationId !== this._streamConversation || given) {
+      if (this.conversationId !== this._streamConversation) this.agentState = null;
       this._streamConversation = this.conversationId;
       this.lastEventId = start;
-      this.agentState = null;
       this._replies.clear();
-    } else {
-      this.lastEventId = Math.max(this.lastEventId, start);
     }
     this._providers = Array.isArray(providersSet) ? providersSet.join(',') : String(providersSet || '');
     this._stopStream();
@@ -165,14 +154,10 @@ export class OpenHandsClient extends OpenHandsRest {
     this._setState('connecting');
     if (this.apiKey && !this._cookieSet) {
       // An EventSource sends no header: a Bearer request first, so the session cookie is there.
-      const outcome = await this._probe();
-      if (generation !== this._generation) return this;
-      if (outcome.close) {
-        this._close(outcome.close);
-        return this;
-      }
+      await this._probeThenOpen(generation);
+    } else {
+      this._openStream(generation);
     }
-    this._openStream(generation);
     return this;
   }
 
@@ -184,18 +169,32 @@ export class OpenHandsClient extends OpenHandsRest {
   // ---- internals -----------------------------------------------------------------------------
 
   /**
-   * Ask the server about the conversation: `{close: reason}` when the stream must not be retried.
+   * The stream's URL, resuming after lastEventId.
    * @private
-   * @returns {Promise<{close?: string, retryAfterMs?: number}>}
+   * @returns {string}
    */
-  async _probe() {
-    try {
-      await this._fetchOnce('GET', this._conversationPath(this.conversationId), { headers: {} });
-      return {};
-    } catch (error) {
-      if (error.status === 404) return { close: 'not_found' };
-      if (error.status === 401) return { close: 'unauthorized' };
-      return { retryAfterMs: error.retryAfterMs || 0 };
+  _streamUrl() {
+    const params = new URLSearchParams({ latest_event_id: String(this.lastEventId) });
+    if (this._providers) params.set('providers_set', this._providers);
+    return `${this.baseUrl}/api/sse/conversations/${encodeURIComponent(this.conversationId)}/events?${params}`;
+  }
+
+  /**
+   * Ask the stream's URL what an EventSource would get (see openhands-stream.js), then open one,
+   * close for good, or wait and try again.
+   * @private
+   * @param {number} generation
+   */
+  async _probeThenOpen(generation) {
+    const outcome = await probeStream(this._streamUrl(), this.apiKey);
+    if (generation !== this._generation) return;
+    if (outcome.bearerOk) this._cookieSet = true;
+    if (outcome.ok) {
+      this._openStream(generation);
+    } else if (outcome.close) {
+      this._close(outcome.close, outcome.error);
+    } else {
+      this._scheduleReopen(generation, outcome.retryAfterMs);
     }
   }
 
@@ -205,10 +204,7 @@ export class OpenHandsClient extends OpenHandsRest {
    * @param {number} generation
    */
   _openStream(generation) {
-    const params = new URLSearchParams({ latest_event_id: String(this.lastEventId) });
-    if (this._providers) params.set('providers_set', this._providers);
-    const url = `${this.baseUrl}/api/sse/conversations/${encodeURIComponent(this.conversationId)}/events?${params}`;
-    const source = new EventSource(url, { withCredentials: true });
+    const source = new EventSource(this._streamUrl(), { withCredentials: true });
     this.eventSource = source;
     const current = () => generation === this._generation && source === this.eventSource;
     source.onmessage = (event) => {
@@ -230,16 +226,16 @@ export class OpenHandsClient extends OpenHandsRest {
     source.onerror = (error) => {
       if (!current()) return;
       this._triggerHandlers('error', { type: 'sse', error });
-      if (source.readyState === EventSource.CLOSED) {
-        // The browser gave up (a non-200 answer or a wrong content type): we take over.
-        source.close();
-        this.eventSource = null;
-        this._scheduleReopen(generation, 0);
-      } else {
-        // The browser reconnects by itself, with Last-Event-ID.
-        this._attempt += 1;
-        this._setState('reconnecting', null);
-      }
+      if (!current()) return; // a handler disconnected or connected again
+      // Whether the browser gave up (CLOSED: a non-200 answer) or would reconnect by itself
+      // (CONNECTING: every `retry:` ms, in step with every other tab, whatever the answer), the
+      // client takes over: backoff with jitter, the stream's URL asked, then a new EventSource.
+      source.close();
+      this.eventSource = null;
+      const healthy = this._openedAt !== null && (this._delivered || Date.now() - this._openedAt >= STABLE_MS);
+      if (healthy) this._attempt = 0; // the first retry after a healthy stream is quick: [0, minRetryMs]
+      this._openedAt = null;
+      this._scheduleReopen(generation, 0);
     };
   }
 
@@ -253,18 +249,9 @@ export class OpenHandsClient extends OpenHandsRest {
     const delayMs = this._backoff(this._attempt, atLeastMs);
     this._attempt += 1;
     this._setState('reconnecting', delayMs);
-    this._timer = setTimeout(async () => {
+    this._timer = setTimeout(() => {
       this._timer = null;
-      if (generation !== this._generation) return;
-      const outcome = await this._probe();
-      if (generation !== this._generation) return;
-      if (outcome.close) {
-        this._close(outcome.close);
-      } else if (outcome.retryAfterMs !== undefined) {
-        this._scheduleReopen(generation, outcome.retryAfterMs);
-      } else {
-        this._openStream(generation);
-      }
+      if (generation === this._generation) this._probeThenOpen(generation);
     }, delayMs);
   }
 
@@ -293,7 +280,8 @@ export class OpenHandsClient extends OpenHandsRest {
   _onConnection(raw) {
     const data = this._parse(raw, 'connection event');
     if (!data || typeof data !== 'object') return;
-    this._attempt = 0;
+    this._openedAt = Date.now();
+    this._delivered = false;
     this._setState('open', null);
     this._triggerHandlers('connection', { type: 'sse', ...data });
     if (typeof data.agent_state === 'string') this._setAgentState(data.agent_state);
@@ -310,12 +298,16 @@ export class OpenHandsClient extends OpenHandsRest {
     if (isInt(event.id, 0)) {
       if (event.id <= this.lastEventId) return; // already delivered (a replay after a reconnect)
       this.lastEventId = event.id;
+      this._delivered = true;
     }
     const cause = isInt(event.cause, 0) ? event.cause : null;
+    // Only the agent's events drive its state and replies: a user may post any `type` (API.md
+    // reserves only id, timestamp and source), and what a user posts has `source: 'user'`.
+    const fromAgent = event.source === 'agent';
     let agentState = null;
-    if (event.type === 'agent_message' && cause !== null) {
+    if (fromAgent && event.type === 'agent_message' && cause !== null) {
       this._replies.stored(cause);
-    } else if (event.type === 'agent_state_changed' && typeof event.agent_state === 'string') {
+    } else if (fromAgent && event.type === 'agent_state_changed' && typeof event.agent_state === 'string') {
       agentState = event.agent_state;
       if (agentState !== 'running') this._replies.ended(cause);
     }
@@ -352,7 +344,7 @@ export class OpenHandsClient extends OpenHandsRest {
    * @param {?number} [delayMs=null]
    */
   _setState(state, delayMs = null) {
-    if (state === this.state) return;
+    if (state === this.state && !(state === 'reconnecting' && delayMs !== null)) return;
     const previous = this.state;
     this.state = state;
     this._triggerHandlers('state', { state, previous, attempt: this._attempt, delayMs });
@@ -372,17 +364,20 @@ export class OpenHandsClient extends OpenHandsRest {
       this.eventSource.close();
       this.eventSource = null;
     }
+    this._openedAt = null;
   }
 
   /**
    * Stop for good and say why (once).
    * @private
-   * @param {'disconnect'|'not_found'|'unauthorized'} reason
+   * @param {'disconnect'|'bad_request'|'unauthorized'|'forbidden'|'not_found'} reason
+   * @param {OpenHandsError} [error] why the stream's URL refused: emitted as an `sse` error first
    */
-  _close(reason) {
+  _close(reason, error) {
     this._stopStream();
     this.connected = false;
     if (this.state === 'closed') return;
+    if (error) this._triggerHandlers('error', { type: 'sse', error });
     this._setState('closed', null);
     this._triggerHandlers('close', { reason });
   }

@@ -59,12 +59,15 @@ export class LiveReplies {
     this._partials = new Map();
     /** @private {Set<number>} causes whose run ended: a late delta for them is dropped */
     this._finished = new Set();
+    /** @private {Set<number>} causes whose deltas skipped text: dropped until an offset 0 or the stored reply */
+    this._gapped = new Set();
   }
 
   /** Forget every reply (another conversation). */
   clear() {
     this._partials.clear();
     this._finished.clear();
+    this._gapped.clear();
   }
 
   /**
@@ -73,6 +76,7 @@ export class LiveReplies {
    */
   stored(cause) {
     this._partials.delete(cause);
+    this._gapped.delete(cause);
   }
 
   /**
@@ -82,14 +86,18 @@ export class LiveReplies {
   ended(cause) {
     if (cause === null) {
       this._partials.clear();
+      this._gapped.clear();
     } else {
       this._partials.delete(cause);
+      this._gapped.delete(cause);
       this._finished.add(cause);
     }
   }
 
   /**
-   * Apply a delta: the reply so far, or null when its run has ended.
+   * Apply a delta: the reply so far, or null when it is dropped: its run has ended, or it starts
+   * past the end of the reply so far (text was lost: the reply's deltas are dropped from then on
+   * until one at offset 0, the text so far, or the stored reply comes).
    * @param {number} cause
    * @param {number} offset where `text` starts, in code points
    * @param {string} text
@@ -101,8 +109,12 @@ export class LiveReplies {
     let head = before.text;
     if (offset === 0) {
       head = '';
+      this._gapped.delete(cause);
+    } else if (this._gapped.has(cause) || offset > before.length) {
+      this._gapped.add(cause); // gluing it on after the gap would show a reply with text missing
+      return null;
     } else if (offset !== before.length) {
-      head = headCodePoints(before.text, offset);
+      head = headCodePoints(before.text, offset); // an overlap: what it repeats is replaced
     }
     const content = head + text;
     this._partials.set(cause, { text: content, length: Math.min(offset, before.length) + codePoints(text) });

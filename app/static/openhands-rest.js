@@ -33,11 +33,6 @@ export const EVENT_NAMES = Object.freeze([
  */
 
 /**
- * @typedef {Object} CloseInfo
- * @property {'disconnect'|'not_found'|'unauthorized'} reason
- */
-
-/**
  * @typedef {Object} ClientOptions
  * @property {number} [minRetryMs=500] first reconnection / retry delay bound
  * @property {number} [maxRetryMs=30000] the cap of that delay
@@ -78,6 +73,26 @@ function retryAfterMs(value) {
   if (/^\d+$/.test(text)) return Number(text) * 1000;
   const when = Date.parse(text);
   return Number.isNaN(when) ? 0 : Math.max(0, when - Date.now());
+}
+
+/**
+ * The OpenHandsError of an answer that is not a 2xx (`code`: the API's `error`, else `http_<status>`).
+ * @param {number} status
+ * @param {*} data the answer's parsed JSON body, or null
+ * @param {Headers} headers
+ * @returns {OpenHandsError}
+ */
+export function answerError(status, data, headers) {
+  const isError = data !== null && typeof data === 'object';
+  return new OpenHandsError(
+    isError && typeof data.message === 'string' ? data.message : `HTTP error! status: ${status}`,
+    {
+      status,
+      code: isError && typeof data.error === 'string' ? data.error : `http_${status}`,
+      retryable: status >= 500 || status === 429,
+      retryAfterMs: retryAfterMs(headers.get('Retry-After')),
+    },
+  );
 }
 
 /**
@@ -343,17 +358,7 @@ export class OpenHandsRest {
       if (this.apiKey) this._cookieSet = true;
       return data;
     }
-    const status = response.status;
-    const isError = data !== null && typeof data === 'object';
-    throw new OpenHandsError(
-      isError && typeof data.message === 'string' ? data.message : `HTTP error! status: ${status}`,
-      {
-        status,
-        code: isError && typeof data.error === 'string' ? data.error : `http_${status}`,
-        retryable: status >= 500 || status === 429,
-        retryAfterMs: retryAfterMs(response.headers.get('Retry-After')),
-      },
-    );
+    throw answerError(response.status, data, response.headers);
   }
 
   /**
