@@ -1,6 +1,8 @@
 """gunicorn settings: gevent workers, many connections each, streams ended cleanly on exit."""
 import os
+import re
 import resource
+import tempfile
 from urllib.parse import unquote
 
 bind = os.environ.get("BIND", "127.0.0.1:8000")
@@ -22,6 +24,17 @@ control_socket_disable = os.environ.get("GUNICORN_CONTROL_SOCKET", "") == ""
 if not control_socket_disable:
     control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
 accesslog = os.environ.get("ACCESS_LOG") or None
+# gunicorn's default line has the request line with its query string (%(r)s) and the Referer, where
+# a careless client may have put a key (API.md never asks for one in a URL): the path alone is
+# logged, with the request id the app echoes. Authorization and Cookie are never in it.
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s" %({x-request-id}o)s'
+# Prometheus multiprocess mode: each worker keeps its metrics in files here, a scrape sums them.
+# Set before any worker imports prometheus_client, which reads it then. The default depends on
+# the bind address alone, so a binary upgrade's new master (SIGUSR2), serving the same sockets,
+# shares it with the old one's workers; two servers on one host never do.
+_default_metrics_dir = os.path.join(tempfile.gettempdir(), f"openhands-metrics-{os.getuid()}",
+                                    re.sub(r"[^A-Za-z0-9.-]+", "_", bind))
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", _default_metrics_dir)
 # A binary upgrade (USR2) forks a second master that re-executes gunicorn on the same listening
 # sockets (GUNICORN_FD) and writes its pid to `<pidfile>.2`, renamed to `<pidfile>` once the old
 # master has exited; without a pidfile nothing says which process the new master is (it is the old
@@ -121,3 +134,24 @@ def pre_request(worker, req):
     # Flask routes on the unquoted path (`/api/%73se/...` is a stream too), after any SCRIPT_NAME.
     if STREAM_PATH_PREFIX in unquote(req.path or ""):
         req.force_close()
+
+
+def on_starting(server):
+    """Make the metrics directory, emptied of an earlier run's files (not on a binary upgrade: they are live)."""
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if "GUNICORN_PID" in os.environ:
+        return  # the new master of a SIGUSR2 upgrade: the old master's workers still count here
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            try:
+                os.unlink(os.path.join(path, name))
+            except FileNotFoundError:
+                pass
+
+
+def child_exit(server, worker):
+    """A worker is gone: its live gauges (open streams) no longer count; its counters still do."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

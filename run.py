@@ -111,7 +111,11 @@ class AgentWorkers:
                     continue
                 say(f"agent worker {i} exited with {proc.returncode}; starting it again")
             self.started[i] = time.monotonic()
-            self.procs[i] = subprocess.Popen([str(PY), "-m", "app.agent", "run"], cwd=ROOT, env=self.env)
+            env = self.env
+            port = self.env.get("AGENT_METRICS_PORT", "").strip()
+            if port.isdigit() and int(port) > 0:  # one port per worker: the n-th serves its metrics on port+n
+                env = {**self.env, "AGENT_METRICS_PORT": str(int(port) + i)}
+            self.procs[i] = subprocess.Popen([str(PY), "-m", "app.agent", "run"], cwd=ROOT, env=env)
 
     def stop(self) -> None:
         """TERM every worker (their runs going are handed over), then wait for them."""

@@ -1,7 +1,6 @@
 """The application factory."""
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +14,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # library with gevent first, which must come before anything imports ssl (redis-py does).
     from flask import Flask
 
-    from . import auth, errors
+    from . import auth, errors, logs, metrics
     from . import redis as redis_ext
     from .config import load_settings
     from .store import Store
@@ -34,7 +33,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=count)  # type: ignore[method-assign]
     # Every JSON body the API takes is capped; Werkzeug answers 413 past it, even when chunked.
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_EVENT_BYTES"]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    logs.configure(app.config["LOG_FORMAT"])
 
     redis_ext.init_app(app)
     app.extensions["store"] = Store(
@@ -46,7 +45,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         agent_shards=app.config["AGENT_SHARDS"],
     )
     errors.init_app(app)
+    logs.init_app(app)  # before auth: a request refused there has its id and its log line too
     auth.init_app(app)
+    metrics.init_app(app)
 
     from .api import conversations, events, health, sse
     for module in (conversations, events, sse, health):

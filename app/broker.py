@@ -19,6 +19,7 @@ import gevent
 import gevent.event
 import redis
 
+from . import metrics
 from .redis import connect_once
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class Listener:
             try:
                 conn = self._connect()
             except Exception as err:  # noqa: BLE001 - whatever it is, retry later
+                if isinstance(err, redis.RedisError):
+                    metrics.redis_error(err, "pubsub")
                 log.warning("hub pub/sub: cannot connect (%s); retrying in %.2fs", type(err).__name__, backoff)
                 self.on_lost()
                 gevent.sleep(backoff)
@@ -129,6 +132,7 @@ class Listener:
                     # SSUBSCRIBE to a node that no longer owns the slot: start afresh once re-routed.
                     log.info("hub pub/sub: a channel's slot moved (%s); re-routing", err)
                 elif isinstance(err, redis.RedisError):
+                    metrics.redis_error(err, "pubsub")
                     log.warning("hub pub/sub: connection lost (%s); reconnecting", type(err).__name__)
                 else:
                     log.exception("hub pub/sub: unexpected error; reconnecting")

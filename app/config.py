@@ -69,6 +69,22 @@ def _redis_url(name: str, raw: str) -> str:
     return raw
 
 
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        return raw.lower()
+
+    return parse
+
+
+def _token(name: str, raw: str) -> str:
+    # The value is never echoed: a typo in a secret must not land in a log.
+    if raw and (len(raw) < 16 or any(c.isspace() for c in raw)):
+        raise ConfigError(f"{name} must be at least 16 characters without spaces (or empty)")
+    return raw
+
+
 def _providers(name: str, raw: str) -> tuple[str, ...]:
     items = tuple(sorted({p.strip() for p in raw.split(",") if p.strip()}))
     if not items:
@@ -117,6 +133,14 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         "0", _int(0, 10), "proxies in front whose X-Forwarded-For/-Proto/-Host are believed (werkzeug's ProxyFix); "
         "0: none. Set it only when nothing but those proxies can reach gunicorn",
     ),
+    "LOG_FORMAT": (
+        "text", _choice("text", "json"), "app log lines (one per request and per stream end, and the rest): json (one "
+        "object per line, for production) or text (for a terminal)",
+    ),
+    "METRICS_TOKEN": (
+        "", _token, "GET /metrics answers loopback callers only; set, also callers sending 'Authorization: Bearer "
+        "<token>' (16+ characters; never logged)",
+    ),
     "AGENT": (
         "auto", _str, "the agent that answers: echo, readme, llm, auto (readme for conversations with a repository, "
         "echo for the others) or module:Class",
@@ -138,6 +162,10 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         "", _str, "readme agent: a missing repository is cloned from <base>/owner/name (git); empty: never clone",
     ),
     "AGENT_GIT_TIMEOUT_SECONDS": ("120", _float(1), "readme agent: longest a git clone may take before it is killed"),
+    "AGENT_METRICS_PORT": (
+        "0", _int(0, 65535), "an agent worker serves its Prometheus metrics on 127.0.0.1:<port>/metrics (the run "
+        "command gives its n-th worker port+n); 0: off",
+    ),
     "AGENT_LLM_BASE_URL": ("", _str, "llm agent: an OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1"),
     "AGENT_LLM_MODEL": ("", _str, "llm agent: the model name sent to that server"),
     "AGENT_LLM_API_KEY": ("", _str, "llm agent: its API key (sent as a Bearer token; never logged)"),

@@ -179,6 +179,9 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(redis.exceptions.RedisError)
     def _redis_error(err: redis.exceptions.RedisError) -> Response:
+        from . import metrics  # here, not at the top: metrics uses this module's helpers
+
+        metrics.redis_error(err, "request")
         unavailable = redis_unavailable(err)
         if unavailable is not None:
             code, message = unavailable

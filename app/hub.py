@@ -19,7 +19,7 @@ import gevent.event
 import gevent.monkey
 import redis
 
-from . import replies, sse
+from . import metrics, replies, sse
 from .broker import Listener, wait_for
 from .cluster_listener import ClusterListener
 from .errors import redis_unavailable
@@ -210,6 +210,7 @@ class Hub:
         grouped: dict[Conversation, list] = {}
         mixed: set[Conversation] = set()
         deleted: list[Conversation] = []
+        last_event = b""
         for channel, data in messages:
             conv = self.by_channel.get(channel)
             if conv is None:
@@ -217,6 +218,7 @@ class Hub:
             event_id = event_id_in(data)
             if event_id is not None:
                 grouped.setdefault(conv, []).append((event_id, sse.event_frame(event_id, data)))
+                last_event = data
             elif data[:1] == replies.DELTA_MARK:
                 delta = replies.parse_delta(data)  # once here, whatever the number of streams
                 if delta is not None:
@@ -229,11 +231,19 @@ class Hub:
                 deleted.append(conv)
             else:
                 log.warning("hub: ignored a malformed announcement on %s", channel[:80])
-        writes = 0
+        writes = delivered = 0
         for conv, items in grouped.items():
             for run in replies.runs(items) if conv in mixed else (items,):  # each run of events as one batch
-                is_delta = isinstance(run, replies.Delta)
-                writes += self._dispatch_delta(conv, run) if is_delta else self._dispatch(conv, run)
+                if isinstance(run, replies.Delta):
+                    writes += self._dispatch_delta(conv, run)
+                else:
+                    reached, events = self._dispatch(conv, run)
+                    writes += reached
+                    delivered += reached * events
+        # Once per read, whatever the number of streams and events (see app/metrics.py).
+        metrics.delivered_live(delivered)
+        if last_event:
+            metrics.observe_read_lag(last_event)
         for conv in deleted:  # after the events announced before it: those still go out
             for sub in list(conv.subscribers):
                 sub.end("deleted")
@@ -250,14 +260,14 @@ class Hub:
         replies.hand_out(conv.subscribers, delta, self.queue_max)
         return len(conv.subscribers)
 
-    def _dispatch(self, conv: Conversation, items: list[tuple[int, bytes]]) -> int:
-        """Hand events to the conversation's subscribers; the number of subscribers reached."""
+    def _dispatch(self, conv: Conversation, items: list[tuple[int, bytes]]) -> tuple[int, int]:
+        """Hand events to the conversation's subscribers; (subscribers reached, events handed to each)."""
         if conv.position is not None:
             items = [item for item in items if item[0] > conv.position]
             if items and items[0][0] > conv.position + 1:
                 items = self._fill(conv, items[0][0]) + items
         if not items or self.conversations.get(conv.cid) is not conv:
-            return 0
+            return 0, 0
         conv.position = items[-1][0]
         batch = Batch(items)
         for sub in list(conv.subscribers):
@@ -266,7 +276,7 @@ class Hub:
                 sub.write_now(batch)
             else:
                 sub.deliver(batch, self.queue_max)
-        return len(conv.subscribers)
+        return len(conv.subscribers), len(items)
 
     def _fill(self, conv: Conversation, before: int) -> list[tuple[int, bytes]]:
         """The stored events between the conversation's position and `before` (announcements missed)."""
@@ -274,7 +284,8 @@ class Hub:
             # At most a page: past it, each subscriber reads the rest of the gap itself.
             entries = self._control.xrange(conv_events_key(conv.cid), min=entry_id(conv.position + 1),
                                            max=entry_id(before - 1), count=min(before - conv.position, RESYNC_PAGE))
-        except redis.RedisError:
+        except redis.RedisError as err:
+            metrics.redis_error(err, "hub")
             return []  # the subscribers close the gap from Redis themselves
         return self._frames(entries)
 
@@ -287,7 +298,8 @@ class Hub:
         try:
             entries = self._control.xrange(conv_events_key(conv.cid), min=entry_id(after + 1), max=entry_id(last),
                                            count=min(last - after, RESYNC_PAGE))
-        except redis.RedisError:
+        except redis.RedisError as err:
+            metrics.redis_error(err, "hub")
             return []  # the next announcement, or the subscribers themselves, close the gap
         return self._frames(entries)
 
@@ -325,6 +337,7 @@ class Hub:
                     self._check_once(conversations=True)
                     return
             except redis.RedisError as err:
+                metrics.redis_error(err, "hub")
                 log.warning("hub: reading what pub/sub missed failed (%s); again in %.2fs", type(err).__name__,
                             backoff)
                 gevent.sleep(backoff)
@@ -342,7 +355,8 @@ class Hub:
             for conv, entries in zip(chunk, pipe.execute()):
                 items = self._frames(entries)
                 if items and conv.subscribers:
-                    self._dispatch(conv, items)
+                    reached, events = self._dispatch(conv, items)
+                    metrics.delivered_live(reached * events)
 
     # Deleted conversations, revoked keys, stream leases -------------------------------------
 
@@ -359,6 +373,7 @@ class Hub:
                     self._refresh_leases()
                     last_lease_refresh = time.monotonic()
             except redis.RedisError as err:
+                metrics.redis_error(err, "hub")
                 if redis_unavailable(err) is None:
                     log.exception("hub check failed")
                 # else streams wait; the hub resumes once Redis is back

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import redis
 
+from . import metrics
 from .cluster import forget_slots, pipelines_per_node, run_on_key_node
 from .errors import BadRequest, Conflict, NotFound, ServiceUnavailable
 from .keys import (
@@ -158,6 +159,8 @@ class Store:
         keys = [conv_meta_key(cid), conv_events_key(cid), conv_inbox_key(cid)]
         index = [user_sequence_key(owner), user_conversations_key(owner)]
         resend_idempotent(lambda: self._create(keys=keys, args=[CREATE_PENDING_TTL, first[1:], *meta]))
+        if initial_user_msg:
+            metrics.EVENTS_APPENDED.labels("user").inc()
         resend_idempotent(lambda: self._index(keys=index, args=[cid]))
         commit_keys = keys if self.cluster else [*keys, agent_work_key(agent_shard(cid, self.agent_shards))]
         try:
@@ -339,6 +342,7 @@ class Store:
             self.redis.execute_command(self.publish, conv_channel(cid), b'{"id":%d,%s' % (event_id, body[1:]))
         if len(result) > 1 and self.cluster:  # the script says the agents must be told
             self.tell_agents(cid)
+        metrics.EVENTS_APPENDED.labels(source).inc()
         return int(result[0]), False
 
     def list_events(self, owner: str, cid: str, start_id: int, limit: int) -> tuple[list[bytes], bool]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from . import replies
+from . import logs, metrics, replies
 from .errors import redis_unavailable
 from .keys import conv_events_key, conv_reply_key, entry_id, event_id_of
 from .replies import Delta
@@ -73,6 +73,7 @@ def catch_up(store: Store, sub: Subscriber, upto: int | None = None) -> Iterator
             return
         frames = page_frames(sub.last_sent, page)
         sub.last_sent = page[-1][0]
+        metrics.delivered_stored(len(page))
         yield frames
         if len(page) < CATCH_UP_PAGE:
             return
@@ -103,6 +104,7 @@ def opening_catch_up(store: Store, sub: Subscriber) -> Iterator[bytes]:
         frames = page_frames(sub.last_sent, page) if page else b""
         if page:
             sub.last_sent = page[-1][0]
+            metrics.delivered_stored(len(page))
         if len(entries) < CATCH_UP_PAGE:  # the last page: the reply read with it is current
             frames += replies.snapshot(sub, reply)
             if frames:
@@ -252,6 +254,8 @@ def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: f
     `caught_up`: the opening holds every stored event the stream lacks (read with the caller's
     checks, and `gapless`), so the store is not read again.
     """
+    reason = "closed"  # the server closed the response (gunicorn, after the client went away mid-write)
+    metrics.OPEN_STREAMS.inc()
     try:
         hub.started(sub)
         yield opening
@@ -279,11 +283,19 @@ def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: f
             if data or not woken:
                 yield data or PING
     except redis.RedisError as err:
-        reason = redis_unavailable(err)
-        if reason is None:
+        unavailable = redis_unavailable(err)
+        metrics.redis_error(err, "stream")
+        if unavailable is None:
+            reason = "error"
             raise
-        log.info("stream %s ended: Redis unavailable during catch-up (%s)", sub.connection_id, reason[0])
+        log.info("stream %s ended: Redis unavailable during catch-up (%s)", sub.connection_id, unavailable[0])
+        reason = "redis_unavailable"
     except OSError:
-        pass  # the client went away during a write of ours
+        reason = "disconnected"  # the client went away during a write of ours
+    except Exception:
+        reason = "error"
+        raise
     finally:
         hub.unsubscribe(sub)
+        metrics.OPEN_STREAMS.dec()
+        logs.stream_ended(sub, sub.end_reason or reason)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.event
 
-from . import sse
+from . import metrics, sse
 
 if TYPE_CHECKING:
     from .replies import Delta
@@ -36,7 +36,8 @@ class Subscriber:
     __slots__ = (
         "conversation_id", "user_id", "key_id", "connection_id", "last_sent", "pending",
         "pending_events", "wake", "end_reason", "readable", "sock", "watcher", "done", "fd", "direct", "busy",
-        "outbuf", "last_write", "reply_cause", "reply_chars", "reply_at", "__weakref__",
+        "outbuf", "last_write", "reply_cause", "reply_chars", "reply_at", "request_id", "opened", "first_id",
+        "__weakref__",
     )
 
     def __init__(self, conversation_id: str, user_id: str, key_id: str, connection_id: str, last_sent: int,
@@ -66,6 +67,10 @@ class Subscriber:
         self.reply_cause: int | None = None
         self.reply_chars = 0
         self.reply_at = -2
+        # For the stream's end (its log line): the request it answers, when it opened, where it began.
+        self.request_id = ""
+        self.opened = time.monotonic()
+        self.first_id = last_sent
 
     def deliver(self, batch: Batch, limit: int) -> None:
         """Queue a batch; a subscriber that falls `limit` events behind is ended (it resumes by id)."""
@@ -89,6 +94,7 @@ class Subscriber:
         self.wake.set()
 
     def _overflow(self) -> None:
+        metrics.SUBSCRIBER_OVERFLOWS.inc()  # rare: at most once per stream
         self.pending = []
         self.end("overflow")
         # A client that stopped reading leaves its stream blocked in a write: cut it loose.

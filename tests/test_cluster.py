@@ -216,7 +216,7 @@ def test_a_worker_starts_while_the_cluster_is_unreachable_and_answers_503_until_
         answer = app.test_client().get("/api/conversations", headers=bearer("ohk_0123456789abcdef_x"))
         body = assert_error(answer, 503, "redis_unavailable")
         assert answer.headers["Retry-After"] == "1" and "Cluster" not in body["message"]
-        assert_error(app.test_client().get("/healthz"), 503, "redis_unavailable")
+        assert_error(app.test_client().get("/readyz"), 503, "redis_unavailable")
     finally:
         close(app.extensions["redis"])
 

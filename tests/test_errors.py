@@ -160,7 +160,7 @@ def every_route() -> list[tuple[str, str, dict]]:
         ("POST", "/api/conversations/abc/events", {"json": {"type": "user_message", "content": "x"}}),
         ("GET", "/api/conversations/abc/events", {}),
         ("GET", "/api/sse/conversations/abc/events", {}),
-        ("GET", "/healthz", {}),
+        ("GET", "/readyz", {}),  # /healthz is liveness: it does not ask Redis (test_healthz_is_200_without_redis)
     ]
 
 
@@ -257,6 +257,18 @@ def test_the_app_recovers_when_redis_is_back(tmp_path):
 
 
 # Health -----------------------------------------------------------------------------------------
+
+
+def test_healthz_is_200_without_redis(down_app):
+    response = down_app.test_client().get("/healthz")
+    assert response.status_code == 200 and response.get_json()["status"] == "ok"
+
+
+def test_readyz_needs_no_credentials_and_says_ok_when_redis_answers(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.get_json()["status"] == "ok"
+    assert "Set-Cookie" not in response.headers
 
 
 def test_healthz_needs_no_credentials(client):

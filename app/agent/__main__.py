@@ -7,7 +7,12 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import os  # noqa: E402
 import sys  # noqa: E402
+
+# Its metrics are its own (served on AGENT_METRICS_PORT), never files in gunicorn's multiprocess
+# directory: that one is emptied when gunicorn starts, and no gunicorn master marks this process dead.
+os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 from app.agent.main import main  # noqa: E402
 

@@ -53,6 +53,16 @@ def main(argv: list[str]) -> int:
         print(f"agent: {err}", file=sys.stderr)
         return 2
     worker = Worker(config, store, agent, concurrency)
+    if config["AGENT_METRICS_PORT"]:
+        from ..metrics import serve_agent_metrics
+
+        try:
+            serve_agent_metrics(config["AGENT_METRICS_PORT"])
+        except OSError as err:
+            print(f"agent metrics: cannot listen on 127.0.0.1:{config['AGENT_METRICS_PORT']} ({err.strerror})",
+                  file=sys.stderr)
+            close(app.extensions["redis"])
+            return 2
     gevent.signal_handler(signal.SIGTERM, worker.stop)
     gevent.signal_handler(signal.SIGINT, lambda: worker.stop(cold=True))
     try:

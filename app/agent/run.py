@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -15,6 +16,7 @@ import gevent.event
 import gevent.queue
 import orjson
 
+from .. import metrics
 from ..validation import ACTION_TYPE
 from .base import AgentError, Conversation
 from .runs import Claim, ConversationGone, LeaseLost, RunEnded
@@ -135,7 +137,18 @@ class Run:
     # One run -------------------------------------------------------------------------------
 
     def _run(self, claim: Claim) -> bool:
-        """Answer message `claim.cause`; whether more is queued."""
+        """Answer message `claim.cause`; whether more is queued (counted with its outcome and duration)."""
+        started = time.monotonic()
+        outcome = "failed"  # a Redis error, a lost lease: it is answered again later
+        try:
+            more, outcome = self._answer_one(claim)
+            return more
+        finally:
+            agent = self.worker.agent
+            metrics.agent_action(agent.name or type(agent).__name__, outcome, time.monotonic() - started)
+
+    def _answer_one(self, claim: Claim) -> tuple[bool, str]:
+        """Answer message `claim.cause`; whether more is queued, and the state the run ended in."""
         cause = claim.cause
         self.step = 0  # steps already written (claim.steps_written) are sent again and skipped by the script
         self.replaying = claim.steps_written
@@ -148,14 +161,14 @@ class Run:
         if self.cancelled is None:
             state = self._agent_events(claim, cause, action)
         if self.cancelled == "shutdown":
-            return False
+            return False, "shutdown"
         if self.cancelled == "stop" and state != "error":  # a stop that came while the error was written
             state = "stopped"
         elif self.cancelled in ("lost", "gone"):
             raise LeaseLost() if self.cancelled == "lost" else ConversationGone()
         more, written = self.runs.finish(self.cid, self.token, cause, self.step + 1, state)
         log.info("agent: conversation %s, message %d answered (%s)", self.cid, cause, written)
-        return more
+        return more, state
 
     def _write(self, cause: int, fields: dict[str, Any], *, source: str = "agent", state: str = "",
                ends_reply: bool = False) -> int:

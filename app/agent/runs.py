@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import redis
 
+from .. import metrics
 from ..cluster import pipelines_per_node
 from ..keys import (
     AGENT_GROUP,
@@ -136,6 +137,8 @@ class RunStore:
         reply = self._write("emit", keys, args)
         event_id = _result(reply)
         self._announce(cid, event_id)
+        if not int(reply[1]):
+            metrics.EVENTS_APPENDED.labels(source).inc()
         return event_id, bool(int(reply[1]))
 
     @property

@@ -6,9 +6,9 @@ import secrets
 import threading
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 
-from .. import replies, sse, stream, validation
+from .. import metrics, replies, sse, stream, validation
 from ..auth import authenticate_with, current_caller, self_authenticating
 from ..errors import BadRequest, NotFound, ServiceUnavailable, TooManyRequests
 from ..hub import Hub, HubUnavailable, gevent_ready
@@ -146,6 +146,7 @@ def stream_events(cid: str) -> Response:
     if page:
         opening += stream.page_frames(latest, page)
         resume = page[-1][0]
+        metrics.delivered_stored(len(page))
     if hub.closing:
         # This worker is exiting, yet got the request (a kept-alive connection it still holds):
         # a 503 would close a browser's EventSource for good, so answer with what is stored and
@@ -155,6 +156,7 @@ def stream_events(cid: str) -> Response:
     _acquire_slot(store, caller.user_id, connection_id)
     sub = Subscriber(cid, caller.user_id, caller.key_id, connection_id if config["SSE_MAX_STREAMS_PER_USER"] else "",
                      resume, sock, chunked=_chunked_plain_http(request.environ, sock))
+    sub.request_id, sub.first_id = g.get("request_id", ""), latest
     try:
         hub.subscribe(sub)  # on failure it has forgotten the stream and given its slot back
     except HubUnavailable as err:
