@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +17,7 @@ from .web_app_helpers import (
     open_conversation,
     settled_events,
     sign_in,
+    stored_events,
     wait_agent,
     wait_connection,
 )
@@ -36,8 +38,15 @@ def test_the_whole_flow(page, start_web, fake: FakeLLM) -> None:
     fake.delay = 0.05
     stack = start_web(agent="llm", **llm_env(fake))
 
-    # Sign in: the cookie is set; the key is nowhere on the page or in storage.
+    # Sign in: the cookie is set; the key is nowhere on the page, in storage or in a URL. Its field has no
+    # name and its form posts (were it ever submitted natively, the key would not go into a query string).
+    streams: list[str] = []
+    page.on("request", lambda request: "/api/sse/" in request.url and streams.append(request.url))
     sign_in(page, stack)
+    assert page.get_attribute("#api-key", "name") is None
+    assert page.get_attribute("#api-key", "type") == "password"
+    assert page.eval_on_selector("#signin-form", "form => form.method") == "post"
+    assert stack.key not in page.url
     cookies = {c["name"]: c for c in page.context.cookies()}
     assert cookies["oh_session"]["httpOnly"]
     assert page.input_value("#api-key") == ""
@@ -52,6 +61,7 @@ def test_the_whole_flow(page, start_web, fake: FakeLLM) -> None:
     page.wait_for_function("() => /^#\\/c\\/.+/.test(location.hash)", timeout=WAIT_MS)
     cid = page.evaluate("() => decodeURIComponent(location.hash.slice(4))")
     wait_connection(page, "open")
+    assert [url for url in streams if cid in url] == [streams[0]]  # made by a POST: one stream, the view's
     assert page.text_content("#event-log [data-type='user_message'] .bubble-text") == \
         "First question\nwith a second line"
     assert_reply_grows(page, 1)
@@ -136,18 +146,42 @@ def test_headers_and_a_message_with_markup_is_text(page, start_web) -> None:
     assert headers["referrer-policy"] == "no-referrer"
 
     sign_in(page, stack)
-    page.fill("#new-message", XSS)
+    page.fill("#new-message", XSS)  # also the conversation's title
     page.click("#new-button")
     wait_connection(page, "open")
     page.wait_for_selector("#event-log [data-type='agent_message']", timeout=WAIT_MS)  # the echo
+    assert page.text_content("#conv-title") == XSS
+    # Users may post any type: an action, its observation and a reply of their own, all holding markup.
+    cid = page.evaluate("() => decodeURIComponent(location.hash.slice(4))")
+    action = stack.api.post(cid, type="agent_action", action=XSS, args={"path": XSS})
+    stack.api.post(cid, type="observation", observation=XSS, content=XSS, action_id=action)
+    stack.api.post(cid, type="agent_message", content=XSS)
+    assert_shows_exactly(page, settled_events(stack, cid, 1))
     texts = page.eval_on_selector_all("#event-log .bubble-text", "ns => ns.map(n => n.textContent)")
-    assert texts == [XSS, XSS]
-    assert page.query_selector("#event-log img") is None
-    assert page.evaluate("() => window.__xss") is None
-    assert page.evaluate("() => document.querySelectorAll('[style]').length") == 0
+    assert texts == [XSS, XSS, XSS]
+    for summary in page.query_selector_all("#event-log details summary"):
+        summary.click()
+    shown = page.eval_on_selector_all("#event-log pre", "ns => ns.map(n => n.textContent)")
+    assert sum(text.count(json.dumps(XSS)) for text in shown) >= 4  # action, args.path, observation, content
+    assert_no_markup(page)
+
+    page.click(".back")
+    page.wait_for_selector(f"#conv-list li[data-conversation-id='{cid}']", timeout=WAIT_MS)
+    assert page.text_content(f"#conv-list li[data-conversation-id='{cid}'] .conv-title") == XSS
+    assert_no_markup(page)
     assert page.page_errors == []
     refused = [line for line in page.console_lines if "Content Security Policy" in line or "Refused" in line]
     assert refused == []
+
+
+def assert_no_markup(page) -> None:
+    """No element made from an event's markup: not one <img> in the page, no inline style.
+
+    (The CSP alone would stop an injected script, so window.__xss cannot fail by itself.)
+    """
+    assert page.evaluate("() => document.querySelectorAll('img').length") == 0
+    assert page.evaluate("() => window.__xss") is None
+    assert page.evaluate("() => document.querySelectorAll('[style]').length") == 0
 
 
 def test_every_event_type_is_readable(page, start_web, fake: FakeLLM) -> None:
@@ -252,4 +286,219 @@ def test_a_conversation_that_is_gone(page, start_web) -> None:
     page.wait_for_selector("#notice:not([hidden])", timeout=WAIT_MS)
     assert "does not exist" in page.text_content("#notice")
     page.wait_for_selector("#list-empty:not([hidden])", timeout=WAIT_MS)
+    assert page.page_errors == []
+
+
+def user_messages(stack, cid: str) -> list[str]:
+    """The texts of the conversation's stored user messages."""
+    return [e["content"] for e in stored_events(stack, cid) if e.get("type") == "user_message"]
+
+
+def pump(page, condition, what: str) -> None:
+    """Let Playwright deliver its events (route handlers run meanwhile) until `condition()` holds."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        page.wait_for_timeout(20)
+
+
+def test_enter_twice_while_sending_posts_once(page, start_web) -> None:
+    stack = start_web()
+    cid = stack.api.create(initial_user_msg="first")
+    settled_events(stack, cid, 1)
+    sign_in(page, stack)
+    open_conversation(page, stack, cid)
+    held = []  # the POSTs of the page, held until the test lets them go
+    page.route("**/api/conversations/*/events", lambda route: held.append(route) if route.request.method == "POST"
+               else route.continue_())
+    page.fill("#message", "only once")
+    page.keyboard.press("Enter")
+    pump(page, lambda: held, "the POST")
+    page.keyboard.press("Enter")  # while the first is in flight (the Send button is disabled, Enter is not)
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(300)  # a second POST would be made at once
+    assert len(held) == 1
+    held[0].continue_()
+    page.wait_for_function("() => document.querySelector('#message').value === ''", timeout=WAIT_MS)
+    settled_events(stack, cid, 2)
+    assert user_messages(stack, cid) == ["first", "only once"]
+    assert page.page_errors == []
+
+
+def test_sending_again_after_a_lost_answer_stores_it_once(page, start_web) -> None:
+    stack = start_web()
+    cid = stack.api.create(initial_user_msg="first")
+    settled_events(stack, cid, 1)
+    sign_in(page, stack)
+    open_conversation(page, stack, cid)
+    keys = []
+    lose = [True]
+
+    def post(route) -> None:
+        if route.request.method != "POST":
+            route.continue_()
+            return
+        keys.append(route.request.headers.get("idempotency-key"))
+        if lose[0]:
+            route.fetch()  # the server stores it; the page never hears the answer
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    page.route("**/api/conversations/*/events", post)
+    page.fill("#message", "landed, though it seemed not to")
+    page.click("#send")
+    page.wait_for_selector("#notice:not([hidden])", timeout=WAIT_MS)  # the client's retries all failed
+    assert "not sent" in page.text_content("#notice")
+    assert page.input_value("#message") == "landed, though it seemed not to"
+    lose[0] = False
+    page.click("#send")  # the user tries again: the same action, the same key
+    page.wait_for_function("() => document.querySelector('#message').value === ''", timeout=WAIT_MS)
+    assert len(set(keys)) == 1 and len(keys) > 1, keys
+    settled_events(stack, cid, 2)
+    assert user_messages(stack, cid) == ["first", "landed, though it seemed not to"]
+
+    page.fill("#message", "a new text")  # another message: another key
+    page.click("#send")
+    page.wait_for_function("() => document.querySelector('#message').value === ''", timeout=WAIT_MS)
+    assert keys[-1] != keys[0]
+    assert page.page_errors == []
+
+
+def test_only_the_agent_speaks_as_the_agent(page, start_web) -> None:
+    stack = start_web()
+    cid = stack.api.create(initial_user_msg="hello")
+    settled_events(stack, cid, 1)
+    # A user may post events of the agent's types: they are the user's, and change no agent state.
+    stack.api.post(cid, type="agent_message", content="posted by the user")
+    stack.api.post(cid, type="agent_state_changed", agent_state="error")
+    sign_in(page, stack)
+    open_conversation(page, stack, cid)
+    assert_shows_exactly(page, stored_events(stack, cid))
+    wait_agent(page, "awaiting_user_input")
+    assert agent_bubbles(page) == ["hello"]
+    users = page.eval_on_selector_all("#event-log .row-user .bubble-text", "ns => ns.map(n => n.textContent)")
+    assert users == ["hello", "posted by the user"]
+    assert page.query_selector("#event-log .row-generic[data-type='agent_state_changed']") is not None
+
+    posted = stack.api.post(cid, type="agent_state_changed", agent_state="running")  # live too
+    page.wait_for_selector(f"#event-log [data-event-id='{posted}']", timeout=WAIT_MS)
+    assert page.get_attribute("#agent-status", "data-state") == "awaiting_user_input"
+    assert page.is_hidden("#stop")
+    assert page.page_errors == []
+
+
+def sse_frames(*frames: tuple[str | None, dict]) -> str:
+    """An SSE body: each (event name or None for a stored event, data)."""
+    out = ["retry: 600000\n"]
+    for name, data in frames:
+        head = f"event: {name}\n" if name else f"id: {data['id']}\n"
+        out.append(f"{head}data: {json.dumps(data)}\n\n")
+    return "".join(out)
+
+
+def test_a_second_reply_in_the_same_run_streams_too(page, start_web) -> None:
+    # The runtime allows several agent_message per run, each grown from deltas starting at offset 0.
+    stack = start_web()
+    cid = stack.api.create(initial_user_msg="two replies, please")
+    settled_events(stack, cid, 1)
+    when = "2025-01-01T00:00:00Z"
+    body = sse_frames(
+        ("connection", {"type": "connection_established", "connection_id": "c", "conversation_id": cid,
+                        "latest_event_id": -1, "providers_set": ["github"], "agent_state": "running"}),
+        (None, {"id": 0, "type": "user_message", "source": "user", "content": "two replies, please",
+                "timestamp": when}),
+        (None, {"id": 1, "type": "agent_state_changed", "source": "agent", "agent_state": "running", "cause": 0,
+                "timestamp": when}),
+        ("agent_message_delta", {"cause": 0, "offset": 0, "text": "Fir"}),
+        ("agent_message_delta", {"cause": 0, "offset": 3, "text": "st"}),
+        (None, {"id": 2, "type": "agent_message", "source": "agent", "content": "First", "cause": 0,
+                "timestamp": when}),
+        ("agent_message_delta", {"cause": 0, "offset": 3, "text": "st"}),  # a late bit of the first: dropped
+        ("agent_message_delta", {"cause": 0, "offset": 0, "text": "Sec"}),  # the second reply starts
+        (None, {"id": 3, "type": "agent_message", "source": "user", "content": "not the agent's",
+                "timestamp": when}),
+        ("agent_message_delta", {"cause": 0, "offset": 3, "text": "ond"}),
+    )
+    page.route("**/api/sse/**", lambda route: route.fulfill(status=200, body=body, headers={
+        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}))
+    sign_in(page, stack)
+    page.goto(f"{stack.base}/#/c/{cid}")
+    page.wait_for_function("() => { const b = document.querySelector('.row-streaming .bubble-text');"
+                           " return b && b.textContent === 'Second'; }", timeout=WAIT_MS)
+    assert agent_bubbles(page) == ["First"]
+    users = page.eval_on_selector_all("#event-log .row-user .bubble-text", "ns => ns.map(n => n.textContent)")
+    assert users == ["two replies, please", "not the agent's"]
+    assert page.eval_on_selector_all("#event-log .row-streaming", "ns => ns.length") == 1
+    assert page.query_selector(".row-interrupted") is None
+    assert page.get_attribute("#agent-status", "data-state") == "running"
+    assert page.page_errors == []
+
+
+def test_a_link_that_names_no_conversation(page, start_web) -> None:
+    stack = start_web()
+    stack.api.create(initial_user_msg="still listed")
+    sign_in(page, stack)
+    for bad in ("%E0", "a%2Fb", "x" * 65, "%3Cb%3E"):
+        page.evaluate("() => { document.querySelector('#notice').hidden = true; }")
+        page.goto(f"{stack.base}/#/c/{bad}")
+        page.wait_for_function("() => location.hash === '#/'", timeout=WAIT_MS)
+        page.wait_for_selector("#notice:not([hidden])", timeout=WAIT_MS)
+        assert "not a link to a conversation" in page.text_content("#notice")
+        page.wait_for_selector("#view-list:not([hidden]) #conv-list li", timeout=WAIT_MS)
+    page.goto("about:blank")
+    page.goto(f"{stack.base}/#/c/%E0")  # as the first route of a page too
+    page.wait_for_selector("#view-list:not([hidden]) #conv-list li", timeout=WAIT_MS)
+    assert "not a link to a conversation" in page.text_content("#notice")
+    assert page.page_errors == []
+
+
+def test_a_session_that_ended_while_sending(page, start_web) -> None:
+    stack = start_web()
+    cid = stack.api.create(initial_user_msg="hi")
+    sign_in(page, stack)
+    open_conversation(page, stack, cid)
+    page.context.clear_cookies()  # the session is gone (the open stream goes on until it reconnects)
+    page.fill("#message", "after the end")
+    page.click("#send")
+    page.wait_for_selector("#view-signin:not([hidden])", timeout=WAIT_MS)
+    assert "sign in again" in page.text_content("#notice")
+    assert page.query_selector("#event-log [data-event-id]") is None
+    assert page.page_errors == []
+
+
+def test_a_refresh_while_loading_more_wins(page, start_web) -> None:
+    stack = start_web()
+    created = [stack.api.create() for _ in range(23)]
+    sign_in(page, stack)
+    page.wait_for_function("() => document.querySelectorAll('#conv-list li').length === 20", timeout=WAIT_MS)
+    held = []  # page 2's request, held while the list is refreshed
+    page.route("**/api/conversations?*page_id=*", lambda route: route.continue_() if held else held.append(route))
+    page.click("#load-more")
+    pump(page, lambda: held, "page 2's request")
+    page.evaluate("() => { location.hash = location.hash === '#/' ? '' : '#/'; }")  # a route change refreshes
+    page.wait_for_selector("#load-more:not([hidden]):not([disabled])", timeout=WAIT_MS)
+    with page.expect_response(lambda response: "page_id=" in response.url):
+        held[0].continue_()  # the old page 2 lands after the refresh: it is dropped
+    page.wait_for_function("() => document.querySelectorAll('#conv-list li').length === 20", timeout=WAIT_MS)
+    page.click("#load-more")
+    page.wait_for_function("() => document.querySelectorAll('#conv-list li').length === 23", timeout=WAIT_MS)
+    shown = page.eval_on_selector_all("#conv-list li", "ns => ns.map(n => n.dataset.conversationId)")
+    assert shown == created[::-1]
+    assert page.page_errors == []
+
+
+@pytest.mark.parametrize(("status", "said"), [(403, "not allowed"), (400, "bad request")])
+def test_a_stream_refused_for_good_says_so(page, start_web, status: int, said: str) -> None:
+    # The client closes for good with 'forbidden' / 'bad_request' (not retried): the page says it.
+    stack = start_web()
+    cid = stack.api.create(initial_user_msg="hi")
+    sign_in(page, stack)
+    page.route("**/api/sse/**", lambda route: route.fulfill(status=status, content_type="application/json",
+                                                            body=json.dumps({"error": "x", "message": "refused"})))
+    page.goto(f"{stack.base}/#/c/{cid}")
+    wait_connection(page, "closed")
+    page.wait_for_selector("#notice:not([hidden])", timeout=WAIT_MS)
+    assert said in page.text_content("#notice")
+    assert page.is_visible("#view-conv")
     assert page.page_errors == []

@@ -80,8 +80,8 @@ def assert_shows_exactly(page: Any, events: list[dict[str, Any]]) -> None:
 
 
 def agent_bubbles(page: Any) -> list[str]:
-    """The texts of the stored agent messages on the page."""
-    return page.eval_on_selector_all("#event-log [data-type='agent_message'] .bubble-text",
+    """The texts of the stored agent messages on the page (the agent's own: not one a user posted)."""
+    return page.eval_on_selector_all("#event-log .row-agent[data-type='agent_message'] .bubble-text",
                                      "nodes => nodes.map(n => n.textContent)")
 
 

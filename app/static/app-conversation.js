@@ -4,7 +4,8 @@
 import {OpenHandsClient} from './openhands-client.js';
 import {$, el, errorText} from './app-dom.js';
 import {
-  attachObservation, eventKind, markInterrupted, renderEvent, setStreamingText, streamingRow, truncatedNote,
+  attachObservation, eventKind, isAgentEvent, markInterrupted, renderEvent, setStreamingText, streamingRow,
+  truncatedNote,
 } from './app-render.js';
 
 /** How close to the bottom (px) still counts as "at the bottom": the view then follows new events. */
@@ -12,10 +13,13 @@ const FOLLOW_SLACK = 48;
 
 /**
  * The open conversation.
- * Callbacks: onConnection(state), onAgentState(state|null), onClose(reason), onNotice(text).
+ * Callbacks: onConnection(state), onAgentState(state|null), onClose(reason), onNotice(text), onUnauthorized().
  */
 export class ConversationView {
-  /** @param {{onConnection: Function, onAgentState: Function, onClose: Function, onNotice: Function}} hooks */
+  /**
+   * @param {{onConnection: Function, onAgentState: Function, onClose: Function, onNotice: Function,
+   *   onUnauthorized: Function}} hooks
+   */
   constructor(hooks) {
     this.hooks = hooks;
     this.log = $('#event-log');
@@ -26,6 +30,7 @@ export class ConversationView {
     this.conversationId = null;
     this.follow = true;
     this.autoTop = 0; // where scrollToEnd last put the log
+    this.sending = null; // the client a send is in flight on: Enter (or Send) does nothing until it is over
     this.resetState();
     this.bindControls();
   }
@@ -35,8 +40,11 @@ export class ConversationView {
     this.shown = new Set(); // event ids on the page: the stream's replay never shows one twice
     this.actions = new Map(); // agent_action id -> its row, where its observation goes
     this.streaming = new Map(); // cause -> the bubble growing from deltas
-    this.answered = new Set(); // causes whose stored agent_message is shown: late deltas are ignored
+    // Causes whose stored agent_message closed the bubble: their deltas are late bits of it, until one at
+    // offset 0 starts another reply of the same run.
+    this.closedReplies = new Set();
     this.agentState = null;
+    this.pending = null; // {text, key}: the message being sent, with its Idempotency-Key until it is stored
   }
 
   /** Wire the composer, Stop and the scroll-follow logic (once: the elements are the page's). */
@@ -78,10 +86,11 @@ export class ConversationView {
     this.setAgentState(null);
     const client = new OpenHandsClient(null); // the session cookie alone authenticates
     this.client = client;
+    // The agent's state: the connection event's (the current one), then each agent_state_changed of the
+    // agent's replayed or live; a user's posted one changes nothing. Only a stored event ends a live reply.
     client.on('message', (event) => this.current(client) && this.addEvent(event))
       .on('delta', (delta) => this.current(client) && this.showDelta(delta))
       .on('state', (change) => this.current(client) && this.hooks.onConnection(change.state))
-      .on('agent_state', (state) => this.current(client) && this.setAgentState(state))
       .on('connection', (info) => this.current(client) && info.agent_state && this.setAgentState(info.agent_state))
       .on('history_truncated', (info) => this.current(client) && this.append(truncatedNote(info.earliest_event_id)))
       .on('close', (info) => this.current(client) && this.closed(info.reason));
@@ -125,22 +134,43 @@ export class ConversationView {
     if (typeof event.id !== 'number' || this.shown.has(event.id)) return;
     this.shown.add(event.id);
     const kind = eventKind(event);
-    const action = kind === 'observation' ? this.actions.get(event.action_id) : undefined;
+    const own = isAgentEvent(event); // the agent's (its environment's), not a user's event of its type
+    const action = kind === 'observation' && own ? this.actions.get(event.action_id) : undefined;
     if (action) {
       this.keepFollowing(() => attachObservation(action, event));
       return;
     }
     const node = renderEvent(event);
-    if (kind === 'agent_action') this.actions.set(event.id, node);
-    const growing = kind === 'agent_message' ? this.streaming.get(event.cause) : undefined;
-    if (kind === 'agent_message' && event.cause !== undefined) {
-      this.answered.add(event.cause);
+    if (kind === 'agent_action' && own) this.actions.set(event.id, node);
+    const growing = kind === 'agent_message' && own ? this.streaming.get(event.cause) : undefined;
+    if (kind === 'agent_message' && own && event.cause !== undefined) {
+      this.closedReplies.add(event.cause);
       this.streaming.delete(event.cause);
     }
+    const state = kind === 'agent_state_changed' && own && typeof event.agent_state === 'string'
+      ? event.agent_state : null;
     this.keepFollowing(() => {
       if (growing) growing.remove(); // the stored reply replaces the one grown from deltas
       this.insertOrdered(node, event.id);
+      if (state && state !== 'running') this.interrupt(event.cause, state, node);
     });
+    if (state) this.setAgentState(state);
+  }
+
+  /**
+   * The run that answered `cause` ended (stopped, error...) with a reply still growing: it will not be
+   * stored. Say so, and put it just before the note that ended the run.
+   * @param {number|undefined} cause undefined (a note naming no cause): every growing reply
+   * @param {string} state
+   * @param {HTMLElement} ender the note's row
+   */
+  interrupt(cause, state, ender) {
+    for (const [growingFor, node] of [...this.streaming]) {
+      if (cause !== undefined && growingFor !== cause) continue;
+      markInterrupted(node, state);
+      this.log.insertBefore(node, ender);
+      this.streaming.delete(growingFor);
+    }
   }
 
   /**
@@ -167,10 +197,13 @@ export class ConversationView {
 
   /**
    * A live delta: the reply so far for its cause (the client rebuilds `content` from offsets).
-   * @param {{cause: number, content: string}} delta
+   * @param {{cause: number, offset: number, content: string}} delta
    */
   showDelta(delta) {
-    if (this.answered.has(delta.cause)) return;
+    if (this.closedReplies.has(delta.cause)) {
+      if (delta.offset !== 0) return; // a late bit of the reply already stored
+      this.closedReplies.delete(delta.cause); // another reply of the same run
+    }
     let node = this.streaming.get(delta.cause);
     this.keepFollowing(() => {
       if (!node) {
@@ -182,41 +215,46 @@ export class ConversationView {
     });
   }
 
-  /** The agent's state changed: the header, the Stop button, and replies cut short by a stop. */
+  /**
+   * The agent's state (the header, the Stop button). It never ends a growing reply by itself: the
+   * connection event's state is the current one, and may come before the missed reply is replayed.
+   * @param {?string} state
+   */
   setAgentState(state) {
     if (state === this.agentState) return;
     this.agentState = state;
     this.stopButton.hidden = state !== 'running';
     this.hooks.onAgentState(state);
-    if (state && state !== 'running') {
-      // The run is over; a reply still growing will not be stored (stopped, error): say so, and
-      // put it before the note that ended the run (rows that came while it grew stay above it).
-      const notes = this.log.querySelectorAll(':scope > [data-type="agent_state_changed"]');
-      const ender = notes.length ? notes[notes.length - 1] : null;
-      for (const [cause, node] of this.streaming) {
-        markInterrupted(node, state);
-        if (ender) this.log.insertBefore(node, ender);
-        this.streaming.delete(cause);
-      }
-    }
   }
 
-  /** Send what the message box holds (not blank); the box is cleared once the server took it. */
+  /**
+   * Send what the message box holds (not blank), once at a time; the box is cleared once the server
+   * took it. The text keeps its Idempotency-Key until it is stored: sent again after a failure (whose
+   * request may have landed), it is still one event.
+   */
   async send() {
     const text = this.input.value;
-    if (!text.trim() || !this.client) return;
+    const client = this.client;
+    if (!client || this.sending === client || !text.trim()) return;
+    if (!this.pending || this.pending.text !== text) this.pending = {text, key: randomKey()};
+    const pending = this.pending;
+    this.sending = client;
     const sendButton = /** @type {HTMLButtonElement} */ ($('#send'));
     sendButton.disabled = true;
     try {
-      await this.client.sendUserMessage(text);
+      await client.sendAction({type: 'user_message', content: text}, {idempotencyKey: pending.key});
+      if (this.pending === pending) this.pending = null;
+      if (!this.current(client)) return;
       if (this.input.value === text) this.input.value = '';
       this.follow = true;
       this.scrollToEnd();
     } catch (error) {
-      this.hooks.onNotice(`The message was not sent: ${errorText(error)}`);
+      if (error && error.status === 401) this.hooks.onUnauthorized();
+      else if (this.current(client)) this.hooks.onNotice(`The message was not sent: ${errorText(error)}`);
     } finally {
-      sendButton.disabled = false;
-      this.input.focus();
+      if (this.sending === client) this.sending = null;
+      sendButton.disabled = Boolean(this.sending) && this.sending === this.client; // another one's send
+      if (this.current(client)) this.input.focus();
     }
   }
 
@@ -227,7 +265,8 @@ export class ConversationView {
     try {
       await this.client.stop();
     } catch (error) {
-      this.hooks.onNotice(`Stop failed: ${errorText(error)}`);
+      if (error && error.status === 401) this.hooks.onUnauthorized();
+      else this.hooks.onNotice(`Stop failed: ${errorText(error)}`);
     } finally {
       this.stopButton.disabled = false;
     }
@@ -258,6 +297,15 @@ export class ConversationView {
     this.log.scrollTop = this.log.scrollHeight;
     this.autoTop = this.log.scrollTop;
   }
+}
+
+/**
+ * A fresh random Idempotency-Key (128 bits, hex; crypto.randomUUID needs a secure context).
+ * @returns {string}
+ */
+function randomKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
 }
 
 /** Build the view's static parts that depend on a conversation's metadata (title, repository). */

@@ -1,6 +1,6 @@
 // The list view: the user's conversations (newest first, paged), starting one, deleting one.
 
-import {OpenHandsClient} from './openhands-client.js';
+import {OpenHandsClient, OpenHandsError} from './openhands-client.js';
 import {$, el, errorText, formatTime} from './app-dom.js';
 import {AGENT_STATE_LABELS} from './app-render.js';
 
@@ -21,7 +21,8 @@ export class ListView {
     this.list = $('#conv-list');
     this.more = /** @type {HTMLButtonElement} */ ($('#load-more'));
     this.nextPageId = null;
-    this.loading = null;
+    this.generation = 0; // bumped by each refresh: a page fetched for an older list is dropped
+    this.loading = null; // the "Load more" fetch in flight (one at a time)
     this.more.addEventListener('click', () => this.loadMore());
     $('#new-form').addEventListener('submit', (event) => {
       event.preventDefault();
@@ -29,42 +30,45 @@ export class ListView {
     });
   }
 
-  /** Load the first page again (the list shows what the server has now). */
+  /** Load the first page again (the list shows what the server has now); the latest refresh wins. */
   async refresh() {
+    this.generation += 1;
     this.nextPageId = null;
+    this.loading = null;
     this.list.replaceChildren();
     $('#list-empty').hidden = true;
-    await this.loadPage(null);
+    await this.loadPage(null, this.generation);
   }
 
-  /** The next page, after the last one shown (next_page_id). */
+  /** The next page, after the last one shown (next_page_id); one at a time. */
   async loadMore() {
-    if (this.nextPageId) await this.loadPage(this.nextPageId);
+    if (!this.nextPageId) return;
+    if (!this.loading) this.loading = this.loadPage(this.nextPageId, this.generation);
+    await this.loading;
   }
 
-  /** Fetch one page and append its conversations; one fetch at a time. */
-  async loadPage(pageId) {
-    if (this.loading) return this.loading;
+  /** Fetch one page and append its conversations, unless the list was refreshed meanwhile. */
+  async loadPage(pageId, generation) {
     const status = $('#list-status');
+    const current = () => generation === this.generation;
     status.textContent = 'Loading conversations…';
     this.more.disabled = true;
-    this.loading = (async () => {
-      try {
-        const page = await this.api.listConversations({limit: PAGE_SIZE, pageId: pageId || undefined});
-        for (const conversation of page.results || []) this.list.append(this.item(conversation));
-        this.nextPageId = page.next_page_id || null;
+    try {
+      const page = await this.api.listConversations({limit: PAGE_SIZE, pageId: pageId || undefined});
+      if (!current()) return;
+      for (const conversation of page.results || []) this.list.append(this.item(conversation));
+      this.nextPageId = page.next_page_id || null;
+    } catch (error) {
+      if (current()) this.failed(error, 'Could not load the conversations');
+    } finally {
+      if (current()) {
+        if (pageId) this.loading = null;
         status.textContent = '';
-      } catch (error) {
-        status.textContent = '';
-        this.failed(error, 'Could not load the conversations');
-      } finally {
         this.more.hidden = !this.nextPageId;
         this.more.disabled = false;
         $('#list-empty').hidden = this.list.childElementCount > 0;
-        this.loading = null;
       }
-    })();
-    return this.loading;
+    }
   }
 
   /** One conversation in the list: a link that opens it, and its Delete button. */
@@ -118,11 +122,8 @@ export class ListView {
     }
     const button = /** @type {HTMLButtonElement} */ ($('#new-button'));
     button.disabled = true;
-    // createConversation connects its client to the new conversation; the conversation view opens its own
-    // (with its handlers in place from the first event), so this one is closed once it has the id.
-    const creator = new OpenHandsClient(null);
     try {
-      const answer = await creator.createConversation(repo.value.trim() || undefined, message.value);
+      const answer = await createConversation(repo.value.trim() || undefined, message.value);
       message.value = '';
       repo.value = '';
       this.hooks.onCreated(answer.conversation_id);
@@ -130,7 +131,6 @@ export class ListView {
       if (failure && failure.status === 401) this.hooks.onUnauthorized();
       else showFieldError(error, `Could not start it: ${errorText(failure)}`, message);
     } finally {
-      creator.disconnect();
       button.disabled = false;
     }
   }
@@ -140,6 +140,32 @@ export class ListView {
     if (error && error.status === 401) this.hooks.onUnauthorized();
     else this.hooks.onNotice(`${what}: ${errorText(error)}`);
   }
+}
+
+/**
+ * POST /api/conversations (the session cookie authenticates). The client's createConversation would also
+ * open a stream to the new conversation: the conversation view opens its own.
+ * @param {string|undefined} repository
+ * @param {string} initialMessage
+ * @returns {Promise<{conversation_id: string}>}
+ * @throws {OpenHandsError} with the HTTP status (0: no answer)
+ */
+async function createConversation(repository, initialMessage) {
+  const body = {initial_user_msg: initialMessage};
+  if (repository) body.repository = repository;
+  let response;
+  let answer = null;
+  try {
+    response = await fetch('/api/conversations', {method: 'POST', credentials: 'include', cache: 'no-store',
+      headers: {'Content-Type': 'application/json', Accept: 'application/json'}, body: JSON.stringify(body)});
+    answer = await response.json().catch(() => null);
+  } catch (cause) {
+    throw new OpenHandsError(`Network error: ${(cause && cause.message) || cause}`, {code: 'network_error', cause});
+  }
+  if (response.ok && answer && typeof answer.conversation_id === 'string') return answer;
+  const status = response.status;
+  const message = answer && typeof answer.message === 'string' ? answer.message : `HTTP error! status: ${status}`;
+  throw new OpenHandsError(message, {status, code: (answer && answer.error) || `http_${status}`});
 }
 
 /** Say what is wrong under a form and point the field at it. */

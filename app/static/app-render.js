@@ -37,6 +37,17 @@ export function eventKind(event) {
   return String(event.type || event.action || 'event');
 }
 
+/**
+ * Whether an event is the runtime's own (the agent's, or its environment's observation), not one a
+ * user posted with an agent's type: only those look like the agent's and drive its state.
+ * @param {object} event
+ * @returns {boolean}
+ */
+export function isAgentEvent(event) {
+  if (eventKind(event) === 'observation') return event.source === 'environment' || event.source === 'agent';
+  return event.source === 'agent';
+}
+
 /** The id'd wrapper every stored event gets: the log is ordered and de-duplicated by it. */
 function row(event, className, children) {
   return el('div', {className: `row ${className}`,
@@ -144,14 +155,22 @@ function noteRow(event, className, text) {
 export function renderEvent(event) {
   const kind = eventKind(event);
   const time = timeNode(event.timestamp);
-  const fromAgent = event.source === 'agent';
+  const fromAgent = isAgentEvent(event);
   switch (kind) {
     case 'user_message':
     case 'agent_message':
     case 'message': {
-      const who = kind === 'agent_message' || (kind === 'message' && fromAgent) ? 'agent' : 'user';
+      // A user's agent_message is the user's: only the agent speaks as the agent.
+      const who = kind !== 'user_message' && fromAgent ? 'agent' : 'user';
       return row(event, `row-${who}`, [bubble(who, who === 'agent' ? 'Agent' : 'You', messageText(event), time)]);
     }
+    case 'stop':
+      return noteRow(event, 'note-stop', 'You asked the agent to stop');
+    default:
+      break;
+  }
+  if (!fromAgent) return genericRow(event, kind); // a user's event of an agent's type (or of an unknown one)
+  switch (kind) {
     case 'agent_action':
       return actionRow(event);
     case 'observation': {
@@ -164,8 +183,6 @@ export function renderEvent(event) {
       const state = String(event.agent_state);
       return noteRow(event, `note-state note-${state}`, STATE_ROW_TEXT[state] || `Agent state: ${state}`);
     }
-    case 'stop':
-      return noteRow(event, 'note-stop', 'You asked the agent to stop');
     case 'error':
       return row(event, 'row-error', [el('div', {className: 'error-box'}, [
         el('strong', {text: 'Error: '}), String(event.message ?? asJson(event)), ' ', time])]);

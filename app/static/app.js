@@ -8,6 +8,15 @@ import {ConversationView, conversationHeading} from './app-conversation.js';
 import {ListView, confirmDelete} from './app-list.js';
 
 const GONE = 'That conversation does not exist (or was deleted).';
+const BAD_LINK = 'That address is not a link to a conversation.';
+const SESSION_ENDED = 'Your session ended; sign in again.';
+/** What a conversation id looks like (the server makes them URL-safe base64: secrets.token_urlsafe). */
+const CONVERSATION_ID = /^[A-Za-z0-9_-]{1,64}$/;
+/** What the notice line says when the stream closes for good for one of these reasons. */
+const CLOSE_NOTICES = {
+  bad_request: 'The server refused to stream this conversation (a bad request); reload the page to try again.',
+  forbidden: 'You are not allowed to see this conversation.',
+};
 const views = ['#view-loading', '#view-signin', '#view-list', '#view-conv'].map((s) => $(s));
 const api = new OpenHandsClient(null); // REST only; the session cookie authenticates it
 let signedIn = false;
@@ -50,30 +59,43 @@ const conversation = new ConversationView({
   onConnection: showConnection,
   onAgentState: showAgentState,
   onNotice: notice,
+  onUnauthorized: () => signedOut(SESSION_ENDED),
   onClose: (reason) => {
-    if (reason === 'unauthorized') signedOut('Your session ended; sign in again.');
+    if (reason === 'unauthorized') signedOut(SESSION_ENDED);
     else if (reason === 'not_found') toList(GONE);
+    else if (reason !== 'disconnect') {
+      notice(CLOSE_NOTICES[reason] || `The conversation's stream closed (${reason}); reload the page to try again.`);
+    }
   },
 });
 
 const list = new ListView(api, {
   onNotice: notice,
-  onUnauthorized: () => signedOut('Your session ended; sign in again.'),
+  onUnauthorized: () => signedOut(SESSION_ENDED),
   onCreated: (id) => {
     location.hash = `#/c/${encodeURIComponent(id)}`;
   },
 });
 
-/** The conversation id in the URL hash (#/c/<id>), or null for the list. */
+/**
+ * What the URL hash names: a conversation id (#/c/<id>), '' for a #/c/ link that holds no valid id
+ * (it is never decoded: a valid id needs no escape), or null for the list.
+ * @returns {?string}
+ */
 function routeId() {
-  const match = /^#\/c\/([^/]+)$/.exec(location.hash);
-  return match ? decodeURIComponent(match[1]) : null;
+  if (!location.hash.startsWith('#/c/')) return null;
+  const id = location.hash.slice('#/c/'.length);
+  return CONVERSATION_ID.test(id) ? id : '';
 }
 
 /** Show what the hash names (signed in only). */
 async function route() {
   if (!signedIn) return;
   const id = routeId();
+  if (id === '') {
+    toList(BAD_LINK);
+    return;
+  }
   if (id) {
     await openConversation(id);
     return;
@@ -101,7 +123,7 @@ async function openConversation(id) {
       document.title = `${meta.title || 'Conversation'} · OpenHands`;
     }
   } catch (error) {
-    if (error && error.status === 401) signedOut('Your session ended; sign in again.');
+    if (error && error.status === 401) signedOut(SESSION_ENDED);
     else if (error && error.status === 404) {
       if (conversation.conversationId === id) toList(GONE);
     } else notice(`Could not load the conversation: ${errorText(error)}`);
