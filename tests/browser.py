@@ -1,4 +1,4 @@
-"""Browser fixtures (a pytest plugin): Debian's Chromium under Playwright, axe-core, a web stack to point it at."""
+"""Browser fixtures (a pytest plugin): Debian's Chromium under Playwright, axe-core, a fake LLM, a web stack."""
 from __future__ import annotations
 
 import os
@@ -17,6 +17,7 @@ from app import create_app
 from app.redis import close
 
 from .agent_workers import AgentWorker
+from .fake_llm import FakeLLM
 from .servers import ROOT, Gunicorn, RedisServer
 
 AXE_VERSION = "4.11.0"  # axe-core, from the npm registry
@@ -103,6 +104,16 @@ def axe_source() -> str:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return target.read_text()
+
+
+@pytest.fixture()
+def fake_llm() -> Iterator[FakeLLM]:
+    """A fake chat-completions server (it wants the key "test-key"), stopped after the test."""
+    server = FakeLLM(key="test-key").start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @dataclass

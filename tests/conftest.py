@@ -14,7 +14,7 @@ import redis
 from app import create_app
 from app.redis import close
 
-from .browser import axe_source, browser, page, start_web  # noqa: F401 (fixtures, for every test module)
+from .browser import axe_source, browser, fake_llm, page, start_web  # noqa: F401 (fixtures, for every test module)
 from .servers import Gunicorn, RedisServer
 from .sse_client import OPENED
 from .topologies import RedisCluster3

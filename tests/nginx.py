@@ -4,21 +4,22 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from .servers import ROOT, free_port, wait_until
-from .sse_client import OPENED, SSEStream
+from .servers import ROOT, free_port, stop_group, wait_until
+from .sse_client import SSEStream, start_stream
 
 SITE_TEMPLATE = ROOT / "deploy" / "nginx.conf"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PLACEHOLDER = re.compile(r"__[A-Z0-9_]+__")
+# A second loopback address for the client, so that its address differs from nginx's own.
+CLIENT_ADDRESS = "127.0.0.2"
 # Stands for Debian's /etc/nginx/nginx.conf: the main context, with every path inside the test's
 # folder (no root-only path); the site itself is deploy/nginx.conf, included as it is rendered.
 MAIN_CONF = """\
@@ -136,17 +137,7 @@ class Nginx:
         """Fast shutdown (TERM); the whole group is killed if it lingers."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # a worker left behind
-        except ProcessLookupError:
-            pass
-        self.proc.wait(5)
+        stop_group(self.proc, 10)
         self.proc = None
 
 
@@ -162,20 +153,16 @@ def open_tls_stream(port: int, path: str, context: ssl.SSLContext, headers: dict
     """GET `path` over TLS + HTTP/1.1 from address `source` (what a browser's EventSource sends); head read."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
     sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
-    lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Accept: text/event-stream"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-    stream = SSEStream(sock)
-    OPENED.append(stream)
-    deadline = time.monotonic() + timeout
-    while b"\r\n\r\n" not in stream._raw:
-        if not stream._recv(deadline):
-            raise ConnectionError(f"no response head from {path}")
-    head, stream._raw = stream._raw.split(b"\r\n\r\n", 1)
-    status_line, *header_lines = head.decode().split("\r\n")
-    stream.status = int(status_line.split()[1])
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        stream.headers[name.strip().lower()] = value.strip()
-    stream._chunked = stream.headers.get("transfer-encoding", "").lower() == "chunked"
-    return stream
+    return start_stream(sock, port, path, headers, timeout)
+
+
+def session_cookie_attributes(response: httpx.Response) -> set[str]:
+    """The attributes of the one session cookie set, lower-cased."""
+    (cookie,) = [v for v in response.headers.get_list("set-cookie") if v.startswith("oh_session=")]
+    return {part.strip().lower() for part in cookie.split(";")[1:]}
+
+
+def access_log_addresses(path: Path, what: str) -> list[str]:
+    """The client addresses of gunicorn's access log lines that contain `what`."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [line.split()[0] for line in lines if what in line]

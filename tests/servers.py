@@ -42,6 +42,24 @@ def wait_until(check, timeout: float, interval: float = 0.05, what: str = "condi
         time.sleep(interval)
 
 
+def stop_group(proc: subprocess.Popen, grace: float) -> None:
+    """TERM a process started with start_new_session, wait `grace` seconds, then SIGKILL its whole group.
+
+    The kill also takes any child left behind (a worker) once the leader has gone; the leader is reaped.
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(5)
+
+
 class RedisServer:
     """A redis-server of the tests' own, on a free port; optionally with an append-only file."""
 
@@ -151,15 +169,5 @@ class Gunicorn:
         """Stop the master and its workers; kill the group if they linger."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # any worker left behind
-        except ProcessLookupError:
-            pass
+        stop_group(self.proc, 15)
         self.proc = None

@@ -173,9 +173,9 @@ class SSEStream:
 OPENED: list[SSEStream] = []  # closed after each test by conftest, so no socket outlives its test
 
 
-def open_stream(port: int, path: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> SSEStream:
-    """GET `path` and read the response head; the body is then read through the stream's methods."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+def start_stream(sock: socket.socket, port: int, path: str, headers: dict[str, str] | None = None,
+                 timeout: float = 10.0) -> SSEStream:
+    """Send GET `path` (as a browser's EventSource does) on a connected socket and read the response head."""
     lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Accept: text/event-stream"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
@@ -192,6 +192,14 @@ def open_stream(port: int, path: str, headers: dict[str, str] | None = None, tim
         name, _, value = line.partition(":")
         stream.headers[name.strip().lower()] = value.strip()
     stream._chunked = stream.headers.get("transfer-encoding", "").lower() == "chunked"
+    return stream
+
+
+def open_stream(port: int, path: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> SSEStream:
+    """GET `path` and read the response head; the body is then read through the stream's methods."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    deadline = time.monotonic() + timeout  # for the head and an error answer's body together
+    stream = start_stream(sock, port, path, headers, timeout)
     if stream.status != 200:
         length = int(stream.headers.get("content-length", "0"))
         while len(stream._raw) < length and stream._recv(deadline):

@@ -90,6 +90,15 @@ def wait_js(page: Any, expression: str, arg: Any = None, timeout: float = 20) ->
     page.wait_for_function(expression, arg=arg, timeout=timeout * 1000)
 
 
+def echo_client(start_web: Any, page: Any, options: dict[str, Any]) -> tuple[Any, str]:
+    """An echo agent's stack, a new conversation, the client page with client "a" (not connected); stack and id."""
+    stack = start_web(agent="echo")
+    cid = stack.api.create()
+    open_client_page(page, stack.base)
+    new_client(page, "a", stack.key, options)
+    return stack, cid
+
+
 def rest_events(api: Any, cid: str) -> list[dict[str, Any]]:
     """The conversation's stored events, over REST."""
     status, body, _ = api.call("GET", f"/api/conversations/{cid}/events?limit=1000")
@@ -152,19 +161,24 @@ def test_product_usage_example_runs_unchanged(start_web, page) -> None:
     assert page.page_errors == []
 
 
-@pytest.fixture()
-def fake_llm():
-    """A fake chat-completions server, stopped after the test."""
-    fake = FakeLLM().start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
-
-
 def start_llm(start_web, fake: FakeLLM):
     """A web stack whose agent is the llm agent on the fake server."""
     return start_web(agent="llm", AGENT_LLM_BASE_URL=fake.url, AGENT_LLM_MODEL="fake", AGENT_LLM_API_KEY="test-key")
+
+
+def ask_the_llm(start_web, page: Any, fake: FakeLLM, chunks: list[str],
+                question: str = "Tell me a story") -> tuple[Any, str]:
+    """The llm agent's stack, its reply `chunks` 50 ms apart; client "a" creates a conversation asking `question`.
+
+    The stack and the conversation's id, the reply under way.
+    """
+    fake.chunks = chunks
+    fake.delay = 0.05
+    stack = start_llm(start_web, fake)
+    open_client_page(page, stack.base)
+    new_client(page, "a", stack.key)
+    cid = page.evaluate("async (q) => (await clients.a.createConversation(null, q)).conversation_id", question)
+    return stack, cid
 
 
 def assert_grows(deltas: list[dict[str, Any]], final: str) -> None:
@@ -180,13 +194,9 @@ def assert_grows(deltas: list[dict[str, Any]], final: str) -> None:
 
 def test_live_reply_deltas_rebuild_the_reply_and_a_late_client_catches_up(start_web, fake_llm, page) -> None:
     """Deltas grow by offset to the final text, stored once; a client joining mid-reply gets the text so far."""
-    fake_llm.chunks = [f"w{i}{'😀' if i % 7 == 3 else ''} " for i in range(60)]  # code points, not UTF-16 units
-    fake_llm.delay = 0.05
+    # Emoji among the bits: code points, not UTF-16 units.
+    stack, cid = ask_the_llm(start_web, page, fake_llm, [f"w{i}{'😀' if i % 7 == 3 else ''} " for i in range(60)])
     final = "".join(fake_llm.chunks)
-    stack = start_llm(start_web, fake_llm)
-    open_client_page(page, stack.base)
-    new_client(page, "a", stack.key)
-    cid = page.evaluate("async () => (await clients.a.createConversation(null, 'Tell me a story')).conversation_id")
     wait_js(page, "() => logs.a.deltas.length >= 10")
     new_client(page, "b", stack.key)
     page.evaluate("(cid) => clients.b.connect(cid).then(() => undefined)", cid)
@@ -213,12 +223,8 @@ def test_live_reply_deltas_rebuild_the_reply_and_a_late_client_catches_up(start_
 
 def test_stop_ends_a_long_reply(start_web, fake_llm, page) -> None:
     """stop() posts {type: 'stop'} during a long reply: agent_state becomes 'stopped' within seconds."""
-    fake_llm.chunks = [f"w{i} " for i in range(1000)]
-    fake_llm.delay = 0.05  # 50 s, were it not stopped
-    stack = start_llm(start_web, fake_llm)
-    open_client_page(page, stack.base)
-    new_client(page, "a", stack.key)
-    cid = page.evaluate("async () => (await clients.a.createConversation(null, 'Talk a lot')).conversation_id")
+    # 1000 bits 50 ms apart: 50 s, were it not stopped.
+    stack, cid = ask_the_llm(start_web, page, fake_llm, [f"w{i} " for i in range(1000)], "Talk a lot")
     wait_js(page, "() => clients.a.agentState === 'running' && logs.a.deltas.length >= 3")
     answer = page.evaluate("async () => await clients.a.stop()")
     assert answer["status"] == "ok" and isinstance(answer["event_id"], int)
@@ -237,10 +243,7 @@ def test_stop_ends_a_long_reply(start_web, fake_llm, page) -> None:
 
 def test_send_action_retries_a_lost_reply_with_the_same_key_and_never_a_400(start_web, page) -> None:
     """A reply lost after the server stored the action: retried with the same key, stored once; a 400 is not retried."""
-    stack = start_web(agent="echo")
-    cid = stack.api.create()
-    open_client_page(page, stack.base)
-    new_client(page, "a", stack.key, {"minRetryMs": 50, "maxRetryMs": 200})
+    stack, cid = echo_client(start_web, page, {"minRetryMs": 50, "maxRetryMs": 200})
     page.evaluate("(cid) => clients.a.connect(cid).then(() => undefined)", cid)
     wait_js(page, "() => clients.a.state === 'open'")
 
@@ -290,10 +293,7 @@ def test_send_action_retries_a_lost_reply_with_the_same_key_and_never_a_400(star
 
 def test_send_action_waits_out_a_429s_retry_after(start_web, page) -> None:
     """A 429 with Retry-After: 1 is retried with the same key no sooner than a second later; stored once."""
-    stack = start_web(agent="echo")
-    cid = stack.api.create()
-    open_client_page(page, stack.base)
-    new_client(page, "a", stack.key, {"minRetryMs": 10, "maxRetryMs": 5000})
+    stack, cid = echo_client(start_web, page, {"minRetryMs": 10, "maxRetryMs": 5000})
     page.evaluate("(cid) => { clients.a.conversationId = cid; }", cid)  # REST only: no stream
     tries: list[tuple[float, str | None]] = []
 
@@ -316,13 +316,8 @@ def test_send_action_waits_out_a_429s_retry_after(start_web, page) -> None:
 
 def test_user_posted_agent_events_move_neither_the_agent_state_nor_the_reply(start_web, fake_llm, page) -> None:
     """A user may post type agent_state_changed / agent_message (source 'user'): the agent's state and reply go on."""
-    fake_llm.chunks = [f"w{i} " for i in range(40)]
-    fake_llm.delay = 0.05
+    stack, cid = ask_the_llm(start_web, page, fake_llm, [f"w{i} " for i in range(40)])
     final = "".join(fake_llm.chunks)
-    stack = start_llm(start_web, fake_llm)
-    open_client_page(page, stack.base)
-    new_client(page, "a", stack.key)
-    cid = page.evaluate("async () => (await clients.a.createConversation(null, 'Tell me a story')).conversation_id")
     wait_js(page, "() => clients.a.agentState === 'running' && logs.a.deltas.length >= 3")
     forged = [stack.api.post(cid, type="agent_state_changed", agent_state="error", cause=0),
               stack.api.post(cid, type="agent_message", cause=0, content="forged")]

@@ -41,6 +41,19 @@ def kill_worker(stack: Any) -> None:
     wait_until(lambda: (pids := stack.gunicorn.worker_pids()) and pid not in pids, 30, what="a new worker")
 
 
+def read_three_notes(start_web: Any, page: Any, label: str, **env: str) -> tuple[Any, str]:
+    """An echo agent's stack, a conversation of 3 notes ("<label> 0" ...), client "a" connected, ids 0-2 read."""
+    stack = start_web(agent="echo", **env)
+    cid = stack.api.create()
+    for i in range(3):
+        stack.api.post(cid, type="note", content=f"{label} {i}")
+    open_client_page(page, stack.base)
+    new_client(page, "a", stack.key, FAST)
+    connect(page, "a", cid)
+    wait_js(page, "() => clients.a.lastEventId === 2")
+    return stack, cid
+
+
 def test_killed_worker_every_event_once_in_order(start_web, page) -> None:
     """SIGKILL of the stream's worker while the agent answers: the page gets ids 0..N once, as REST lists them."""
     stack = start_web(agent="echo", SSE_RETRY_MS="300")
@@ -163,14 +176,7 @@ def test_revoked_key_closes_unauthorized(start_web, page) -> None:
 
 def test_history_truncated_is_surfaced_and_delivery_goes_on(start_web, page) -> None:
     """Resuming from an id retention dropped: history_truncated {earliest_event_id}, then every kept event once."""
-    stack = start_web(agent="echo", EVENT_RETENTION="5")
-    cid = stack.api.create()
-    for i in range(3):
-        stack.api.post(cid, type="note", content=f"early {i}")
-    open_client_page(page, stack.base)
-    new_client(page, "a", stack.key, FAST)
-    connect(page, "a", cid)
-    wait_js(page, "() => clients.a.lastEventId === 2")
+    stack, cid = read_three_notes(start_web, page, "early", EVENT_RETENTION="5")
     page.evaluate("clients.a.disconnect()")
     for i in range(20):
         stack.api.post(cid, type="note", content=f"later {i}")

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from .test_browser_client import log_of, new_client, open_client_page, wait_js
-from .test_browser_client_faults import FAST, connect, kill_worker, states
+from .test_browser_client_faults import FAST, connect, kill_worker, read_three_notes, states
 
 
 def record_sse(page: Any, base: str) -> list[tuple[str, int, bool]]:
@@ -163,14 +163,7 @@ def test_many_tabs_reconnect_at_jittered_times_after_a_healthy_stream(start_web,
 
 def test_connect_with_an_id_honours_it_and_without_one_resumes(start_web, page) -> None:
     """connect(sameId, -1) reads the history again; connect(sameId, 0) from event 1; connect(sameId) resumes."""
-    stack = start_web(agent="echo")
-    cid = stack.api.create()
-    for i in range(3):
-        stack.api.post(cid, type="note", content=f"note {i}")
-    open_client_page(page, stack.base)
-    new_client(page, "a", stack.key, FAST)
-    connect(page, "a", cid)
-    wait_js(page, "() => clients.a.lastEventId === 2")
+    stack, cid = read_three_notes(start_web, page, "note")
     page.evaluate("(cid) => clients.a.connect(cid, -1).then(() => undefined)", cid)
     wait_js(page, "() => logs.a.messages.length === 6")
     page.evaluate("(cid) => clients.a.connect(cid, 0).then(() => undefined)", cid)

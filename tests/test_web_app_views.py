@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from app.agent.readme import make_sample_repository
 
@@ -29,14 +26,6 @@ from .web_app_helpers import (
 
 DOCS = ROOT / "docs"
 SAMPLE_QUESTION = "Check whether there is any incorrect information in the README.md file"
-
-
-@pytest.fixture()
-def fake() -> Iterator[FakeLLM]:
-    """A fake chat-completions server."""
-    server = FakeLLM(key="test-key").start()
-    yield server
-    server.stop()
 
 
 def readme_conversation(stack, tmp_path: Path) -> tuple[str, list[dict]]:
@@ -175,13 +164,13 @@ def no_horizontal_scroll(page) -> bool:
     }""")
 
 
-def test_a_killed_worker_mid_reply(page, start_web, fake: FakeLLM) -> None:
+def test_a_killed_worker_mid_reply(page, start_web, fake_llm: FakeLLM) -> None:
     # The reply (about 1.5 s) ends while the page waits out the stream's retry delay (3 s): on reopen the
     # connection event already says the run is over, then the missed reply is replayed. It is shown once,
     # as the stored reply, never also as a "stopped" partial one.
-    fake.chunks = [f"bit{i} " for i in range(30)]
-    fake.delay = 0.05
-    stack = start_web(agent="llm", workers=1, **llm_env(fake))
+    fake_llm.chunks = [f"bit{i} " for i in range(30)]
+    fake_llm.delay = 0.05
+    stack = start_web(agent="llm", workers=1, **llm_env(fake_llm))
     sign_in(page, stack)
     cid = stack.api.create(initial_user_msg="a short answer, please")
     open_conversation(page, stack, cid)
@@ -199,7 +188,7 @@ def test_a_killed_worker_mid_reply(page, start_web, fake: FakeLLM) -> None:
     wait_agent(page, "awaiting_user_input")
     assert_shows_exactly(page, events)
     stored = [e["content"] for e in events if e.get("type") == "agent_message"]
-    assert stored == ["".join(fake.chunks)]
+    assert stored == ["".join(fake_llm.chunks)]
     assert agent_bubbles(page) == stored  # one bubble per answered message, as REST has them
     assert page.eval_on_selector_all("#event-log .row-agent", "ns => ns.length") == 1
     assert page.query_selector(".row-interrupted") is None

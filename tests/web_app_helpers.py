@@ -1,6 +1,7 @@
 """Helpers for the web app's browser tests: signing in, reading what the page shows, waiting on it."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from .fake_llm import FakeLLM
@@ -111,3 +112,11 @@ def axe_violations(page: Any, axe_source: str) -> list[dict[str, Any]]:
     result = page.evaluate("async () => (await axe.run(document)).violations.map(v => ({id: v.id, impact: v.impact,"
                            " help: v.help, nodes: v.nodes.map(n => n.target.join(' ')).slice(0, 5)}))")
     return [v for v in result if v["impact"] in ("serious", "critical")]
+
+
+def pump(page, condition, what: str) -> None:
+    """Let Playwright deliver its events (route handlers run meanwhile) until `condition()` holds."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        page.wait_for_timeout(20)
