@@ -21,13 +21,13 @@ def test_a_direct_clients_spoofed_forwarded_headers_are_ignored_by_default(start
     server = start_server(ACCESS_LOG=str(log))  # TRUSTED_PROXIES and FORWARDED_ALLOW_IPS unset
     transport = httpx.HTTPTransport(local_address=CLIENT_ADDRESS)
     with httpx.Client(base_url=server.base, transport=transport, timeout=10) as http:
-        response = http.get("/api/conversations?probe=direct", headers={
+        response = http.get("/api/conversations", headers={"X-Request-ID": "probe-direct",
             **bearer(make_key("alice")), "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7",
             "X-Forwarded-Ssl": "on"})
     assert response.status_code == 200, response.text
     attributes = session_cookie_attributes(response)
     assert {"httponly", "samesite=lax", "path=/"} <= attributes and "secure" not in attributes
-    assert wait_until(lambda: access_log_addresses(log, "probe=direct"), 10, what="the access log line") \
+    assert wait_until(lambda: access_log_addresses(log, "probe-direct"), 10, what="the access log line") \
         == [CLIENT_ADDRESS]
 
 
