@@ -137,7 +137,19 @@ def allowed(token: str) -> bool:
         scheme, _, given = header.partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
             return True
-    return is_loopback(request.remote_addr)
+    return is_loopback(peer_address())
+
+
+def peer_address() -> str | None:
+    """The address of the socket's peer: ProxyFix (TRUSTED_PROXIES) puts a forwarded client in REMOTE_ADDR.
+
+    That address comes from X-Forwarded-For, which a client reaching gunicorn directly writes
+    itself (`X-Forwarded-For: 127.0.0.1`): only the real peer says whether the caller is local.
+    """
+    original = request.environ.get("werkzeug.proxy_fix.orig")
+    if isinstance(original, dict):
+        return original.get("REMOTE_ADDR")
+    return request.environ.get("REMOTE_ADDR")
 
 
 def render() -> tuple[bytes, str]:
@@ -164,8 +176,21 @@ def metrics() -> Response:
     return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
 
+# Every reason a stream ends with (app/stream.py, app/hub.py, app/subscriber.py): a labelled
+# series only exists from its first count, so rate() would miss the first end of each reason.
+STREAM_END_REASONS = ("closed", "deleted", "disconnected", "error", "overflow", "redis_unavailable", "revoked",
+                      "shutdown")
+
+
+def warm_up() -> None:
+    """Create the series of the known label values at zero, so they exist from the start."""
+    for reason in STREAM_END_REASONS:
+        STREAM_ENDS.labels(reason)
+
+
 def init_app(app: Flask) -> None:
     """Add GET /metrics."""
+    warm_up()
     app.register_blueprint(bp)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import urllib.request
 
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from app import create_app
 from app.metrics import is_loopback
 
 from .agent_workers import AgentWorker
@@ -113,6 +115,34 @@ def test_metrics_refuse_non_loopback_callers_unless_they_bring_the_token(app):
     app.config["METRICS_TOKEN"] = ""
     assert client.get("/metrics", environ_base=outside,
                       headers={"Authorization": "Bearer "}).status_code == 404  # no token set: none is good
+
+
+def test_a_forwarded_loopback_address_does_not_make_a_direct_caller_local(redis_server):
+    # TRUSTED_PROXIES: ProxyFix puts the last X-Forwarded-For value in REMOTE_ADDR, a value any
+    # client reaching gunicorn directly writes itself; only the socket's peer says it is local.
+    app = create_app({"REDIS_URL": redis_server.url, "TESTING": True, "TRUSTED_PROXIES": 1,
+                      "METRICS_TOKEN": "s3cret-token-of-16+chars"})
+    client = app.test_client()
+    forged = {"X-Forwarded-For": "127.0.0.1"}
+    refused = client.get("/metrics", environ_base={"REMOTE_ADDR": "10.0.0.5"}, headers=forged)
+    assert refused.status_code == 404 and refused.get_json()["error"] == "not_found"
+    # A real loopback peer (a local proxy) is local whatever client it forwards.
+    local = client.get("/metrics", environ_base={"REMOTE_ADDR": "127.0.0.1"}, headers={"X-Forwarded-For": "10.0.0.5"})
+    assert local.status_code == 200
+    with_token = client.get("/metrics", environ_base={"REMOTE_ADDR": "10.0.0.5"},
+                            headers={**forged, "Authorization": "Bearer s3cret-token-of-16+chars"})
+    assert with_token.status_code == 200 and b"openhands_open_streams" in with_token.data
+
+
+def test_stream_end_reasons_are_counted_from_zero_before_any_stream(redis_server):
+    # A labelled series starts at its first count: rate() would miss each reason's first end.
+    app = create_app({"REDIS_URL": redis_server.url, "TESTING": True})
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    for reason in ("closed", "deleted", "disconnected", "overflow", "revoked", "shutdown"):
+        assert f'openhands_stream_ends_total{{reason="{reason}"}}' in text, reason
+    # 0.0 in a fresh process (whatever an earlier in-process test counted otherwise).
+    counted = REGISTRY.get_sample_value("openhands_stream_ends_total", {"reason": "revoked"}) or 0.0
+    assert f'openhands_stream_ends_total{{reason="revoked"}} {counted!r}' in text
 
 
 def test_loopback_is_127_0_0_0_slash_8_and_ipv6_loopback():
