@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import ssl
 import threading
@@ -19,6 +20,7 @@ import pytest
 from .conftest import bearer
 from .nginx import (
     CLIENT_ADDRESS,
+    SITE_TEMPLATE,
     Nginx,
     access_log_addresses,
     make_certificate,
@@ -27,7 +29,7 @@ from .nginx import (
     session_cookie_attributes,
     tls_context,
 )
-from .servers import Gunicorn, wait_until
+from .servers import ROOT, Gunicorn, wait_until
 from .sse_client import SSEStream
 
 SSE = "/api/sse/conversations/{}/events"
@@ -359,3 +361,15 @@ def test_one_upstream_killed_mid_stream_its_clients_resume_on_the_other_and_lose
         assert reader.error is None, reader.error
         assert reader.ids == list(range(before + after)), reader.ids
     assert sum(r.opens for r in readers) >= clients + counts[0], "the killed server's clients reconnected"
+
+
+# (7) nginx's own configuration and answers -----------------------------------------------------
+
+
+def test_nginx_drops_an_idle_upstream_connection_before_gunicorn_does():
+    # A POST sent on a pooled connection just as gunicorn closes it would be a 502 (never retried).
+    site = SITE_TEMPLATE.read_text()
+    (upstream,) = re.findall(r"upstream openhands_app \{(.*?)\n\}", site, flags=re.S)
+    (nginx_idle,) = re.findall(r"^\s*keepalive_timeout (\d+)s;", upstream, flags=re.M)
+    (gunicorn_idle,) = re.findall(r"^keepalive = (\d+)$", (ROOT / "gunicorn.conf.py").read_text(), flags=re.M)
+    assert int(nginx_idle) < int(gunicorn_idle)
