@@ -130,9 +130,17 @@ class Hub:
         """Open streams in this worker."""
         return sum(len(c.subscribers) for c in self.conversations.values())
 
+    def running(self) -> bool:
+        """Whether the hub's loops all run (its own and its listener's); Redis down or not.
+
+        Each loop restarts itself after an exception; one that is dead (killed, or ended by a
+        BaseException) never comes back, and this worker's streams would never get events again.
+        """
+        return self.listener.alive() and not any(g.dead for g in self._greenlets)
+
     def reading(self) -> bool:
         """Whether the hub receives announcements: its loops run and its pub/sub connection is up."""
-        return self.listener.alive() and self.listener.serving and not any(g.dead for g in self._greenlets)
+        return self.running() and self.listener.serving
 
     def subscribe(self, sub: Subscriber) -> None:
         """Register a stream, and return once its conversation's announcements reach this hub.

@@ -18,10 +18,10 @@ from .sse_client import open_stream
 SSE = "/api/sse/conversations/{}/events"
 
 
-def health(server) -> tuple[int, dict]:
-    """(status, body) of /healthz."""
+def health(server, path: str = "/healthz") -> tuple[int, dict]:
+    """(status, body) of /healthz (or `path`)."""
     try:
-        with urllib.request.urlopen(server.base + "/healthz", timeout=5) as resp:
+        with urllib.request.urlopen(server.base + path, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -168,20 +168,22 @@ def test_following_and_leaving_many_conversations_leaves_nothing_behind(start_se
     wait_until(lambda: redis_client.pubsub_channels("conv:*") == [], 10, what="no channel subscribed in Redis")
 
 
-def test_healthz_says_503_when_the_hub_cannot_read(server, api, redis_client):
+def test_readyz_says_503_when_the_hub_cannot_read_and_healthz_stays_200(server, api, redis_client):
+    # Liveness is not readiness: a hub cut off from Redis is live (restarting it would not help).
     cid = api.create()
     stream = open_stream(server.port, SSE.format(cid), bearer(api.key))
     assert stream.take(1)[0].event == "connection"
-    assert health(server)[0] == 200
+    assert health(server)[0] == 200 and health(server, "/readyz")[0] == 200
     redis_client.config_set("requirepass", "not-known-to-the-hub")
     try:
         kill_pubsub(redis_client)  # it cannot log in again; pooled connections stay logged in
-        status, body = wait_until(lambda: (lambda h: h if h[0] == 503 else None)(health(server)), 10,
-                                  what="/healthz to say 503")
+        status, body = wait_until(lambda: (lambda h: h if h[0] == 503 else None)(health(server, "/readyz")), 10,
+                                  what="/readyz to say 503")
         assert body["error"] in ("hub_not_reading", "redis_unavailable") and body["message"]
+        assert health(server)[0] == 200
     finally:
         redis_client.config_set("requirepass", "")
-    wait_until(lambda: health(server)[0] == 200, 10, what="/healthz back to 200")
+    wait_until(lambda: health(server, "/readyz")[0] == 200, 10, what="/readyz back to 200")
     assert api.post(cid) == 0 and ids_of(stream.take(1)) == [0]
 
 

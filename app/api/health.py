@@ -1,4 +1,4 @@
-"""Probes for load balancers and ops: /healthz (this process works), /readyz (it can serve: Redis answers)."""
+"""Probes for load balancers and ops: /healthz (this process works), /readyz (it can serve: Redis, hub reading)."""
 from __future__ import annotations
 
 import os
@@ -21,15 +21,16 @@ def _hub() -> Hub | None:
 
 @bp.get("/healthz")
 def healthz() -> Response:
-    """Liveness: 200 with this worker's stream counts while its hub reads; 503 `hub_not_reading` otherwise.
+    """Liveness: 200 with this worker's stream counts while its hub's loops run; 503 `hub_not_running` otherwise.
 
-    Redis is not asked (that is /readyz): a process restarted because Redis is down comes back
-    to the same Redis. A hub that cannot read leaves its streams with pings and no events, though.
+    Redis is not asked, and a hub whose pub/sub connection is down (Redis is) still counts as
+    live: a process restarted because Redis is down comes back to the same Redis, so a restarter
+    watching this would restart every host during an outage. That is /readyz's business. Only a
+    dead loop (a greenlet that has exited: it never restarts) makes this worker need a restart.
     """
     hub = _hub()
-    if hub is not None and not hub.reading():
-        return error_response(503, "hub_not_reading", "this worker's event hub is not receiving events",
-                              {"Retry-After": "1"})
+    if hub is not None and not hub.running():
+        return error_response(503, "hub_not_running", "this worker's event hub has stopped", {"Retry-After": "1"})
     return json_response({
         "status": "ok",
         "worker_pid": os.getpid(),
@@ -41,7 +42,12 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """Readiness: 200 when Redis answers a PING and this worker is not shutting down; 503 otherwise."""
+    """Readiness: 200 when Redis answers a PING and this worker's hub (if it has one) receives announcements.
+
+    503 `shutting_down` when the worker is exiting, `redis_unavailable` (or Redis's own code) when
+    Redis does not answer, `hub_not_reading` when it does but the hub's pub/sub connection is not up
+    (its streams would get pings and no events).
+    """
     hub = _hub()
     if hub is not None and hub.closing:
         return error_response(503, "shutting_down", "this worker is shutting down", {"Retry-After": "1"})
@@ -52,4 +58,7 @@ def readyz() -> Response:
         # Whatever the error (a wrong password too), this process cannot serve: never a 500 here.
         code, message = redis_unavailable(err) or ("redis_unavailable", "the event store does not answer")
         return error_response(503, code, message, {"Retry-After": "1"})
+    if hub is not None and not hub.reading():
+        return error_response(503, "hub_not_reading", "this worker's event hub is not receiving events",
+                              {"Retry-After": "1"})
     return json_response({"status": "ok", "worker_pid": os.getpid()})
