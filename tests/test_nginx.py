@@ -29,7 +29,7 @@ from .nginx import (
     session_cookie_attributes,
     tls_context,
 )
-from .servers import ROOT, Gunicorn, wait_until
+from .servers import ROOT, Gunicorn, RedisServer, wait_until
 from .sse_client import SSEStream
 
 SSE = "/api/sse/conversations/{}/events"
@@ -373,3 +373,52 @@ def test_nginx_drops_an_idle_upstream_connection_before_gunicorn_does():
     (nginx_idle,) = re.findall(r"^\s*keepalive_timeout (\d+)s;", upstream, flags=re.M)
     (gunicorn_idle,) = re.findall(r"^keepalive = (\d+)$", (ROOT / "gunicorn.conf.py").read_text(), flags=re.M)
     assert int(nginx_idle) < int(gunicorn_idle)
+
+
+def nginx_error(response: httpx.Response, status: int, code: str) -> dict[str, str]:
+    """The JSON error body of API.md that nginx answered itself, checked."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json", response.headers
+    body = response.json()
+    assert body["status"] == "error" and body["error"] == code and body["message"], body
+    return body
+
+
+@pytest.mark.timeout(60)
+def test_a_body_over_nginxs_limit_gets_a_json_413_from_nginx(start_server, start_nginx, https_api):
+    front = start_nginx([start_server()])
+    api = https_api(front)
+    cid = api.create()
+    # 2 MiB, over client_max_body_size (1 MiB): gunicorn never sees it.
+    response = api.http.post(f"/api/conversations/{cid}/events", content=b"x" * (2 << 20),
+                             headers={**bearer(api.key), "Content-Type": "application/json"})
+    nginx_error(response, 413, "payload_too_large")
+    # Between the two limits, the app answers its own 413 (MAX_EVENT_BYTES, 256 KiB).
+    between = api.call("POST", f"/api/conversations/{cid}/events",
+                       {"type": "user_message", "content": "x" * (512 << 10)})
+    assert nginx_error(between, 413, "payload_too_large")["message"] != response.json()["message"]
+
+
+@pytest.mark.timeout(60)
+def test_with_its_only_upstream_stopped_nginx_answers_a_json_502_with_retry_after(start_server, start_nginx,
+                                                                                  https_api):
+    server = start_server()
+    front = start_nginx([server])
+    api = https_api(front)
+    server.stop()
+    response = api.call("GET", "/api/conversations")
+    nginx_error(response, 502, "service_unavailable")
+    assert response.headers["retry-after"] == "1"
+
+
+@pytest.mark.timeout(60)
+def test_the_apps_own_503_passes_through_nginx_untouched(start_server, start_nginx, https_api, tmp_path):
+    own_redis = RedisServer(tmp_path / "own-redis").start()
+    try:
+        front = start_nginx([start_server(redis_url=own_redis.url)])
+        api = https_api(front)
+    finally:
+        own_redis.stop()
+    response = api.call("GET", "/readyz", auth=False)
+    # The app's code and message, not nginx's service_unavailable (proxy_intercept_errors is off).
+    nginx_error(response, 503, "redis_unavailable")
