@@ -22,13 +22,13 @@ PLACEHOLDER = re.compile(r"__[A-Z0-9_]+__")
 CLIENT_ADDRESS = "127.0.0.2"
 # Stands for Debian's /etc/nginx/nginx.conf: the main context, with every path inside the test's
 # folder (no root-only path); the site itself is deploy/nginx.conf, included as it is rendered.
+# Debian's own access log (`combined`) is here too: the site's access_log replaces it for its servers.
 MAIN_CONF = """\
 {user}
 worker_processes 1;
 events {{ worker_connections 1024; }}
 http {{
-    log_format conn '$remote_addr $connection $server_protocol $status "$request" $upstream_addr';
-    access_log {work}/access.log conn;
+    access_log {work}/debian-access.log combined;
     client_body_temp_path {work}/client_body;
     proxy_temp_path {work}/proxy;
     fastcgi_temp_path {work}/fastcgi;
@@ -83,7 +83,7 @@ class Nginx:
             "SERVER_NAME": "127.0.0.1", "LISTEN_HTTP": f"127.0.0.1:{self.http_port}",
             "LISTEN_HTTPS": f"127.0.0.1:{self.https_port}", "TLS_CERTIFICATE": str(cert),
             "TLS_CERTIFICATE_KEY": str(key), "UPSTREAM_1": first, "UPSTREAM_2": second,
-            "STREAM_READ_TIMEOUT": stream_read_timeout,
+            "STREAM_READ_TIMEOUT": stream_read_timeout, "ACCESS_LOG": str(workdir / "access.log"),
         }
         self.proc: subprocess.Popen | None = None
 
@@ -129,7 +129,7 @@ class Nginx:
                                                                  self.workdir / "stderr.log") if p.exists())
 
     def access_log(self) -> list[str]:
-        """The access log's lines: remote address, connection number, protocol, status, request, upstream."""
+        """The site's access log lines (`openhands`: address, connection, protocol, status, "method path", ...)."""
         path = self.workdir / "access.log"
         return path.read_text().splitlines() if path.exists() else []
 

@@ -422,3 +422,20 @@ def test_the_apps_own_503_passes_through_nginx_untouched(start_server, start_ngi
     response = api.call("GET", "/readyz", auth=False)
     # The app's code and message, not nginx's service_unavailable (proxy_intercept_errors is off).
     nginx_error(response, 503, "redis_unavailable")
+
+
+@pytest.mark.timeout(60)
+def test_nginxs_access_log_has_the_path_and_request_id_never_the_query_string_or_referer(
+        start_server, start_nginx, https_api):
+    front = start_nginx([start_server()])
+    api = https_api(front)
+    response = api.call("GET", "/api/conversations?limit=1&api_key=query-secret",
+                        headers={"X-Request-ID": "probe-nginx-log", "Referer": "https://x.example/?t=referer-secret"})
+    assert response.status_code == 200, response.text
+    (line,) = wait_until(lambda: [x for x in front.access_log() if x.endswith(" probe-nginx-log")], 10,
+                         what="nginx's access line")
+    address, _connection, protocol, status = line.split()[:4]
+    request = line.split('"')[1]
+    assert (address, protocol, status, request) == (CLIENT_ADDRESS, "HTTP/1.1", "200", "GET /api/conversations")
+    logs = "\n".join(front.access_log()) + (front.workdir / "debian-access.log").read_text()
+    assert "secret" not in logs and "limit=" not in logs
