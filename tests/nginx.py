@@ -80,7 +80,8 @@ class Nginx:
         # The template names two servers; one gunicorn given stands in both places.
         first, second = (upstreams * 2)[:2] if len(upstreams) < 2 else upstreams[:2]
         self.values = {
-            "SERVER_NAME": "127.0.0.1", "LISTEN_HTTP": f"127.0.0.1:{self.http_port}",
+            "SERVER_NAME": "127.0.0.1", "PUBLIC_HOST": f"127.0.0.1:{self.https_port}",
+            "LISTEN_HTTP": f"127.0.0.1:{self.http_port}",
             "LISTEN_HTTPS": f"127.0.0.1:{self.https_port}", "TLS_CERTIFICATE": str(cert),
             "TLS_CERTIFICATE_KEY": str(key), "UPSTREAM_1": first, "UPSTREAM_2": second,
             "STREAM_READ_TIMEOUT": stream_read_timeout, "ACCESS_LOG": str(workdir / "access.log"),
@@ -120,8 +121,8 @@ class Nginx:
 
     @property
     def base(self) -> str:
-        """https://127.0.0.1:<https port>."""
-        return f"https://127.0.0.1:{self.https_port}"
+        """https://127.0.0.1:<https port>: the site's public host, which port 80 redirects to."""
+        return f"https://{self.values['PUBLIC_HOST']}"
 
     def error_log(self) -> str:
         """What nginx logged as errors (and on stderr)."""

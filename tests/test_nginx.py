@@ -227,9 +227,12 @@ def test_behind_nginx_the_cookie_is_secure_and_the_client_address_is_the_clients
     other = api.call("POST", "/api/conversations", {}, {**cookie, "Origin": "https://evil.example"}, auth=False)
     assert other.status_code == 403, other.text
 
-    # Plain http is never served: it sends the browser to https.
-    plain = httpx.get(f"http://127.0.0.1:{front.http_port}/api/conversations", headers=bearer(api.key), timeout=10)
-    assert plain.status_code == 308 and plain.headers["location"].startswith("https://127.0.0.1")
+    # Plain http is never served: it sends the browser to https, on the configured host and port,
+    # whatever Host the client sent.
+    plain = httpx.get(f"http://127.0.0.1:{front.http_port}/api/conversations?limit=1",
+                      headers={**bearer(api.key), "Host": "evil.example"}, timeout=10)
+    assert plain.status_code == 308, plain.text
+    assert plain.headers["location"] == f"{front.base}/api/conversations?limit=1"
     assert "set-cookie" not in plain.headers
 
 
