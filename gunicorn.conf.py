@@ -2,6 +2,7 @@
 import os
 import re
 import resource
+import stat
 import tempfile
 from urllib.parse import unquote
 
@@ -29,12 +30,10 @@ accesslog = os.environ.get("ACCESS_LOG") or None
 # logged, with the request id the app echoes. Authorization and Cookie are never in it.
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s" %({x-request-id}o)s'
 # Prometheus multiprocess mode: each worker keeps its metrics in files here, a scrape sums them.
-# Set before any worker imports prometheus_client, which reads it then. The default depends on
-# the bind address alone, so a binary upgrade's new master (SIGUSR2), serving the same sockets,
-# shares it with the old one's workers; two servers on one host never do.
-_default_metrics_dir = os.path.join(tempfile.gettempdir(), f"openhands-metrics-{os.getuid()}",
-                                    re.sub(r"[^A-Za-z0-9.-]+", "_", bind))
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", _default_metrics_dir)
+# PROMETHEUS_MULTIPROC_DIR, if not set, is chosen in on_starting from the addresses gunicorn
+# really binds (`-b` wins over BIND), before any worker imports prometheus_client (which reads
+# it then: values.py's ValueClass). A binary upgrade's new master (SIGUSR2), serving the same
+# sockets, shares it with the old one's workers; two servers on one host never do.
 # A binary upgrade (USR2) forks a second master that re-executes gunicorn on the same listening
 # sockets (GUNICORN_FD) and writes its pid to `<pidfile>.2`, renamed to `<pidfile>` once the old
 # master has exited; without a pidfile nothing says which process the new master is (it is the old
@@ -136,10 +135,60 @@ def pre_request(worker, req):
         req.force_close()
 
 
+def default_metrics_dir(addresses) -> str:
+    """The metrics directory of a server bound to `addresses` (gunicorn's `cfg.address`), under the temp dir."""
+    names = [f"{a[0]}:{a[1]}" if isinstance(a, tuple) else str(a) for a in addresses]
+    return os.path.join(tempfile.gettempdir(), f"openhands-metrics-{os.getuid()}",
+                        re.sub(r"[^A-Za-z0-9.-]+", "_", "_".join(names)) or "default")
+
+
+def private_dir_problem(path: str) -> str | None:
+    """Why `path` is not a directory only we may write (a symlink, another owner, group/other-writable), or None."""
+    try:
+        info = os.lstat(path)
+    except OSError as err:
+        return f"cannot be examined ({err.strerror})"
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a directory"
+    if info.st_uid != os.getuid():
+        return f"is owned by uid {info.st_uid}, not {os.getuid()}"
+    if info.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def make_private_dir(path: str, check_parent: bool) -> None:
+    """Create `path` (and its parent) mode 0700 if missing; SystemExit unless they are ours alone.
+
+    In the shared temp dir the name is predictable: a directory (or symlink) made there first by
+    another user would otherwise receive, or redirect, our metrics files.
+    """
+    parent = os.path.dirname(path)
+    for directory, checked in ((parent, check_parent), (path, True)):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(directory, 0o700, exist_ok=True)
+        problem = private_dir_problem(directory) if checked else None
+        if problem:
+            raise SystemExit(f"gunicorn.conf.py: the metrics directory {directory} {problem}; refusing to start "
+                             "(remove it, or set PROMETHEUS_MULTIPROC_DIR to a directory of this user's)")
+
+
 def on_starting(server):
-    """Make the metrics directory, emptied of an earlier run's files (not on a binary upgrade: they are live)."""
-    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Choose and make the metrics directory, emptied of an earlier run's files (not on a binary upgrade: live)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        # Set here, in the master, before any worker forks (and before anything imports prometheus_client).
+        path = default_metrics_dir(server.cfg.address)
+        make_private_dir(path, check_parent=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    else:
+        make_private_dir(path, check_parent=False)
     if "GUNICORN_PID" in os.environ:
         return  # the new master of a SIGUSR2 upgrade: the old master's workers still count here
     for name in os.listdir(path):
