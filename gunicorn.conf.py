@@ -38,7 +38,7 @@ access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s"
 # sockets (GUNICORN_FD) and writes its pid to `<pidfile>.2`, renamed to `<pidfile>` once the old
 # master has exited; without a pidfile nothing says which process the new master is (it is the old
 # master's child, beside its workers), so the TERM that ends the old one and later signals to the
-# new one have no safe target. systemd's PIDFile= follows the same file. Off unless PIDFILE is set.
+# new one have no safe target. The systemd unit sets no PIDFile=: no USR2 under systemd. Off unless PIDFILE is set.
 pidfile = os.environ.get("PIDFILE") or None
 loglevel = os.environ.get("LOG_LEVEL", "info")
 # How long an exiting worker waits for gunicorn to close its listeners before it ends its streams.
