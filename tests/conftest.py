@@ -13,6 +13,7 @@ import redis
 
 from app import create_app
 from app.redis import close
+from app.store import Store
 
 from .browser import axe_source, browser, fake_llm, page, start_web  # noqa: F401 (fixtures, for every test module)
 from .servers import Gunicorn, RedisServer
@@ -30,6 +31,26 @@ def close_streams() -> Iterator[None]:
     yield
     while OPENED:
         OPENED.pop().close()
+
+
+# Every API key this test process makes, for the audit of the run's logs at its end
+# (tests/test_zz_log_audit.py): no log line of the whole run may hold one.
+MADE_KEYS: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def record_made_keys() -> Iterator[None]:
+    """Record each key Store.create_api_key makes in this process (the fixtures' keys, the apps')."""
+    original = Store.create_api_key
+
+    def recording(self: Store, user_id: str) -> tuple[str, str]:
+        key_id, key = original(self, user_id)
+        MADE_KEYS.append(key)
+        return key_id, key
+
+    Store.create_api_key = recording  # type: ignore[method-assign]
+    yield
+    Store.create_api_key = original  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
