@@ -14,7 +14,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # library with gevent first, which must come before anything imports ssl (redis-py does).
     from flask import Flask
 
-    from . import auth, errors, logs, metrics
+    from . import auth, cors, errors, logs, metrics
     from . import redis as redis_ext
     from .config import load_settings
     from .store import Store
@@ -47,6 +47,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     logs.init_app(app)  # before auth: a request refused there has its id and its log line too
     auth.init_app(app)
+    cors.init_app(app)
     metrics.init_app(app)
 
     from .api import conversations, events, health, sse

@@ -12,8 +12,10 @@ from flask import Flask, Response, current_app, g, request
 from itsdangerous import BadSignature, TimestampSigner
 from werkzeug.http import dump_cookie
 
+from . import cors
 from .config import secret_from_file
 from .errors import Forbidden, Unauthorized
+from .keys import COOKIES_REVOKED_AT
 from .store import KEY_PREFIX, api_key_key, hash_secret
 
 COOKIE_NAME = "oh_session"
@@ -29,6 +31,24 @@ class Caller:
     user_id: str
     key_id: str
     via: str  # "bearer" or "cookie"
+    cookies_revoked_ms: int = 0  # the key's cookies minted at or before this (unix ms) are revoked
+
+
+class CookieKeyId(str):
+    """A key id proven by a session cookie, carrying the cookie's mint time (unix ms).
+
+    It is the caller's `key_id` and so the stream's (`Subscriber.key_id`): the hub's check ends a
+    cookie stream once its key's cookies are revoked after that mint time (sign-out), and leaves the
+    key's Bearer streams, whose key id is a plain str, alone.
+    """
+
+    cookie_minted_ms: int
+
+    def __new__(cls, key_id: str, minted_ms: int) -> CookieKeyId:
+        """The key id `key_id`, of a cookie minted at `minted_ms`."""
+        self = super().__new__(cls, key_id)
+        self.cookie_minted_ms = minted_ms
+        return self
 
 
 def split_key(key: str) -> str | None:
@@ -57,6 +77,7 @@ class Presented:
     key_id: str
     via: str  # "bearer" or "cookie"
     key: str  # the Bearer key itself (its hash is compared), "" for a cookie
+    minted_ms: int = 0  # a cookie's mint time (unix ms)
 
 
 def presented() -> Presented | None:
@@ -67,12 +88,12 @@ def presented() -> Presented | None:
         key = key.strip()
         key_id = split_key(key) if scheme.lower() == "bearer" else None
         return Presented(key_id, "bearer", key) if key_id else None
-    key_id = cookie_key_id(request.cookies.getlist(COOKIE_NAME))
-    return Presented(key_id, "cookie", "") if key_id else None
+    found = cookie_key_id(request.cookies.getlist(COOKIE_NAME))
+    return Presented(found[0], "cookie", "", found[1]) if found else None
 
 
-def cookie_key_id(values: list[str]) -> str | None:
-    """The key id of the newest validly signed session cookie among those sent; None if none is.
+def cookie_key_id(values: list[str]) -> tuple[str, int] | None:
+    """The key id and mint time (unix ms) of the newest validly signed session cookie sent; None if none is.
 
     A browser sends every cookie of that name that matches the path, longest path first, so a
     page of another origin of the same site (a sibling subdomain, another port) can plant one
@@ -83,25 +104,58 @@ def cookie_key_id(values: list[str]) -> str | None:
     max_age = current_app.config["SESSION_MAX_AGE_SECONDS"]
     for value in values[:8]:  # a request carrying more is not a browser's doing; 8 bounds the work
         try:
-            key_id, signed_at = _signer().unsign(value, max_age=max_age, return_timestamp=True)
+            payload, signed_at = _signer().unsign(value, max_age=max_age, return_timestamp=True)
         except BadSignature:
             continue
-        stamp = int(signed_at.timestamp())
+        # `<key id>:<mint ms>`; a cookie from before mint times were carried is `<key id>`, minted
+        # within the second it was signed in (so a sign-out after that second revokes it).
+        key_id, _, minted = payload.decode().partition(":")
+        stamp = int(minted) if minted.isdigit() and len(minted) <= 15 else int(signed_at.timestamp()) * 1000
         if key_id and (best is None or stamp > best[0]):
-            best = (stamp, key_id.decode())
-    return best[1] if best else None
+            best = (stamp, key_id)
+    return (best[1], best[0]) if best else None
+
+
+def cookies_revoked_ms(record: dict[str, str]) -> int:
+    """Up to when (unix ms) the key's cookies are revoked (signed out); 0: none is."""
+    value = record.get(COOKIES_REVOKED_AT, "")
+    return int(value) if value.isdigit() else 0
 
 
 def verify(creds: Presented | None, record: dict[str, str] | None) -> Caller:
     """The caller these credentials prove, given the record of their key; 401 otherwise."""
-    if creds is None or not record or record.get("revoked_at"):
+    if creds is None or not record or not record.get("user_id") or record.get("revoked_at"):
         raise Unauthorized("missing or invalid credentials")
     # Compared in constant time even though the record was found by the key id.
-    if creds.via == "bearer" and not hmac.compare_digest(record["hash"], hash_secret(creds.key)):
+    if creds.via == "bearer" and not hmac.compare_digest(record.get("hash", ""), hash_secret(creds.key)):
         raise Unauthorized("missing or invalid credentials")
-    if creds.via == "cookie" and request.method not in SAFE_METHODS:
-        refuse_cross_origin()
-    return Caller(record["user_id"], creds.key_id, creds.via)
+    revoked_ms = cookies_revoked_ms(record)
+    if creds.via == "cookie":
+        if creds.minted_ms <= revoked_ms:  # minted before the key signed out (DELETE /api/session)
+            raise Unauthorized("missing or invalid credentials")
+        if request.method not in SAFE_METHODS:
+            refuse_cross_origin()
+        return Caller(record["user_id"], CookieKeyId(creds.key_id, creds.minted_ms), creds.via, revoked_ms)
+    return Caller(record["user_id"], creds.key_id, creds.via, revoked_ms)
+
+
+# Sets the key's cookies_revoked_at to the time given unless it is already later (two sign-outs on
+# hosts whose clocks differ never move it back), and only on a key that exists (never a stub hash).
+REVOKE_COOKIES_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
+if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"""
+
+
+def revoke_cookies(key_id: str, at_ms: int | None = None) -> bool:
+    """Revoke every session cookie the key minted up to `at_ms` (default now) on every browser; False: no such key.
+
+    One idempotent write of a value computed once: a retry after a lost reply does the same.
+    """
+    at_ms = int(time.time() * 1000) if at_ms is None else at_ms
+    return bool(current_app.extensions["revoke_cookies"](keys=[api_key_key(key_id)], args=[COOKIES_REVOKED_AT, at_ms]))
 
 
 def refuse_cross_origin() -> None:
@@ -112,12 +166,14 @@ def refuse_cross_origin() -> None:
     request comes from in `Sec-Fetch-Site`, whatever the Host header a proxy passes on; older ones
     only in `Origin`, compared with the Host header as a fallback.
     """
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.lower() in current_app.config["CORS_ORIGINS"]:
+        return  # an origin the operator allows (CORS_ORIGINS), as CORS lets it read the answers too
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None:
         if site in ("same-origin", "none"):  # "none": the user's own doing (typed, a bookmark)
             return
         raise Forbidden(CROSS_ORIGIN)
-    origin = request.headers.get("Origin")
     if origin is None:
         return  # not sent by a browser page of another origin (curl, an old browser's same-origin form)
     if origin == "null" or normal_host(origin.partition("://")[2]) != normal_host(request.headers.get("Host", "")):
@@ -182,40 +238,45 @@ def init_app(app: Flask) -> None:
     # has stored something (and the signer derives its key from the secret only once).
     secret = app.config["SECRET_KEY"] or secret_from_file(Path(app.config["SECRET_KEY_FILE"]))
     app.extensions["session_signer"] = TimestampSigner(secret, salt="oh-session")
+    app.extensions["revoke_cookies"] = app.extensions["store"].redis.register_script(REVOKE_COOKIES_LUA)
 
     @app.before_request
     def _require_caller() -> None:
         if request.path.startswith("/api/") and request.endpoint is not None \
-                and not getattr(app.view_functions.get(request.endpoint), "self_authenticating", False):
+                and not getattr(app.view_functions.get(request.endpoint), "self_authenticating", False) \
+                and not cors.allowed_preflight():  # a browser never sends credentials with a preflight
             current_caller()
 
     # The Set-Cookie line depends only on the key, the scheme and the current second (the
     # signature's timestamp, the Expires date): made once per second for each, not per answer.
-    cookies: dict[tuple[str, bool], str] = {}
+    # Each line is kept with its mint time (ms): one minted before the key's last sign-out is made anew.
+    cookies: dict[tuple[str, bool], tuple[str, int]] = {}
     cookies_second = [0]
 
-    def cookie_line(key_id: str, secure: bool) -> str:
-        now = int(time.time())
-        if now != cookies_second[0]:
+    def cookie_line(key_id: str, secure: bool, revoked_ms: int) -> str:
+        now_ms = int(time.time() * 1000)
+        if now_ms // 1000 != cookies_second[0]:
             cookies.clear()  # only this second's lines are kept: at most one per key in use
-            cookies_second[0] = now
-        line = cookies.get((key_id, secure))
-        if line is None:
-            line = cookies[(key_id, secure)] = dump_cookie(
+            cookies_second[0] = now_ms // 1000
+        cached = cookies.get((key_id, secure))
+        if cached is None or cached[1] <= revoked_ms:
+            # Minted after the sign-out this request's record shows, even if that host's clock is ahead of ours.
+            minted_ms = max(now_ms, revoked_ms + 1)
+            cached = cookies[(key_id, secure)] = (dump_cookie(
                 COOKIE_NAME,
-                _signer().sign(key_id).decode(),
+                _signer().sign(f"{key_id}:{minted_ms}").decode(),
                 max_age=app.config["SESSION_MAX_AGE_SECONDS"],
                 path="/",
                 httponly=True,
                 samesite="Lax",
                 secure=secure,
                 max_size=app.config["MAX_COOKIE_SIZE"],
-            )
-        return line
+            ), minted_ms)
+        return cached[0]
 
     @app.after_request
     def _session_cookie(response: Response) -> Response:
         caller = g.get("caller")
         if caller is not None and caller.via == "bearer" and 200 <= response.status_code < 300:
-            response.headers.add("Set-Cookie", cookie_line(caller.key_id, request.is_secure))
+            response.headers.add("Set-Cookie", cookie_line(caller.key_id, request.is_secure, caller.cookies_revoked_ms))
         return response

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -85,6 +86,21 @@ def _token(name: str, raw: str) -> str:
     return raw
 
 
+# An origin as browsers send it: scheme, host (a name, an IPv4 or a bracketed IPv6 address), port.
+ORIGIN = re.compile(r"https?://(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    # Without its scheme's default port, as browsers send it.
+    items = tuple(dict.fromkeys(re.sub(r"^(http://.*):80$|^(https://.*):443$", r"\1\2", o.strip().lower())
+                                for o in raw.split(",") if o.strip()))
+    for origin in items:
+        if not ORIGIN.fullmatch(origin):
+            raise ConfigError(f"{name} must be comma-separated exact origins such as https://app.example.com "
+                              f"(scheme, host, optional port; no path, no '*'), got {origin!r}")
+    return items
+
+
 def _providers(name: str, raw: str) -> tuple[str, ...]:
     items = tuple(sorted({p.strip() for p in raw.split(",") if p.strip()}))
     if not items:
@@ -129,6 +145,11 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         str(SECRET_KEY_FILE), _str, "where the cookie secret is kept when SECRET_KEY is empty (made if missing)",
     ),
     "SESSION_MAX_AGE_SECONDS": ("604800", _int(60), "lifetime of the session cookie"),
+    "CORS_ORIGINS": (
+        "", _origins, "comma-separated origins (https://app.example.com) whose pages may call the API with "
+        "credentials (CORS); empty: none, no CORS headers at all. The session cookie (SameSite=Lax) reaches the "
+        "API only from same-site ones",
+    ),
     "TRUSTED_PROXIES": (
         "0", _int(0, 10), "proxies in front whose X-Forwarded-For/-Proto/-Host are believed (werkzeug's ProxyFix); "
         "0: none. Set it only when nothing but those proxies can reach gunicorn",

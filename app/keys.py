@@ -66,8 +66,12 @@ def user_streams_key(uid: str) -> str:
 
 
 def api_key_key(key_id: str) -> str:
-    """Hash of one API key: user, SHA-256 of the secret, created_at, revoked_at."""
+    """Hash of one API key: user, SHA-256 of the secret, created_at, revoked_at, cookies_revoked_at."""
     return f"apikey:{{{key_id}}}"
+
+
+# Field of an API key's hash: unix ms up to which the session cookies it minted are revoked (sign-out).
+COOKIES_REVOKED_AT = "cookies_revoked_at"
 
 
 def entry_id(event_id: int) -> str:

@@ -1,10 +1,10 @@
 """The web app's page, signing in and out with the session cookie, and the security headers."""
 from __future__ import annotations
 
-from flask import Blueprint, Flask, Response, render_template, request
+from flask import Blueprint, Flask, Response, current_app, render_template, request
 
-from .auth import COOKIE_NAME, current_caller, self_authenticating
-from .errors import BadRequest, json_response
+from .auth import COOKIE_NAME, current_caller, presented, revoke_cookies, self_authenticating, verify
+from .errors import BadRequest, Unauthorized, json_response
 
 bp = Blueprint("web", __name__)
 
@@ -49,7 +49,19 @@ def sign_in() -> Response:
 @bp.delete("/api/session")
 @self_authenticating  # signing out needs no valid credentials: a stale cookie must be clearable
 def sign_out() -> Response:
-    """Sign out: the session cookie is cleared (the key itself stays valid until revoked)."""
+    """Sign out: every session cookie the key minted so far is revoked, on every browser, and this one cleared.
+
+    The key itself stays valid until revoked: a later Bearer request mints a fresh cookie. Not
+    `current_caller`: a Bearer sign-out must not be handed a new cookie by its own 2xx answer.
+    """
+    creds = presented()
+    if creds is not None:
+        try:
+            verify(creds, current_app.extensions["store"].get_api_key(creds.key_id))  # 403 from another origin
+        except Unauthorized:
+            pass  # nothing valid to revoke (already signed out, revoked, forged): only the clearing below
+        else:
+            revoke_cookies(creds.key_id)
     response = json_response({"status": "ok"})
     response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="Lax", secure=request.is_secure)
     return response
