@@ -73,7 +73,10 @@ def test_a_405_changes_nothing(client, key, cid):
 
 
 def test_options_needs_credentials_like_every_api_route(client, key, cid):
+    """But for a real CORS preflight from a CORS_ORIGINS origin, which never carries them (tests/test_cors.py)."""
     assert_error(client.options(f"/api/conversations/{cid}"), 401, "unauthorized")
+    assert_error(client.options(f"/api/conversations/{cid}", headers={  # CORS_ORIGINS is empty here
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "GET"}), 401, "unauthorized")
     response = client.options(f"/api/conversations/{cid}", headers=bearer(key))
     assert response.status_code == 200
     assert {"GET", "DELETE"} <= {m.strip() for m in response.headers["Allow"].split(",")}

@@ -1,0 +1,104 @@
+"""Sign-out revokes on the server: the cookies the key minted before it are 401 everywhere, their streams end."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from app.auth import COOKIE_NAME
+from app.keys import COOKIES_REVOKED_AT, api_key_key
+
+from .conftest import Api, assert_error, bearer
+from .sse_client import open_stream
+
+SSE = "/api/sse/conversations/{}/events"
+
+
+def cookie_of(response) -> str:
+    """The `name=value` of the session cookie a response sets."""
+    lines = [h for h in response.headers.getlist("Set-Cookie") if h.startswith(COOKIE_NAME + "=")]
+    assert len(lines) == 1, response.headers
+    return lines[0].split(";", 1)[0]
+
+
+def test_sign_out_revokes_the_keys_cookies_on_every_browser_and_a_new_sign_in_works(app, key, make_key,
+                                                                                      redis_client):
+    one, two, plain = (app.test_client(use_cookies=False) for _ in range(3))
+    laptop = {"Cookie": cookie_of(one.post("/api/session", headers=bearer(key)))}
+    phone = {"Cookie": cookie_of(two.get("/api/conversations", headers=bearer(key)))}
+    bob_key = make_key("bob")
+    bob = {"Cookie": cookie_of(plain.post("/api/session", headers=bearer(bob_key)))}
+    for cookie in (laptop, phone, bob):
+        assert plain.get("/api/session", headers=cookie).status_code == 200
+    out = one.delete("/api/session", headers=laptop)
+    assert out.status_code == 200 and "Max-Age=0" in out.headers["Set-Cookie"]
+    assert redis_client.hget(api_key_key(key.split("_")[1]), COOKIES_REVOKED_AT).isdigit()
+    # Both of alice's cookies are dead wherever they are kept; bob's is not.
+    for cookie in (laptop, phone):
+        assert_error(plain.get("/api/session", headers=cookie), 401, "unauthorized")
+        assert_error(plain.get("/api/conversations", headers=cookie), 401, "unauthorized")
+    assert plain.get("/api/session", headers=bob).status_code == 200
+    # The key itself still works, and at once mints a cookie that works (not the cached one of this second).
+    again = plain.post("/api/session", headers=bearer(key))
+    assert again.status_code == 200
+    fresh = {"Cookie": cookie_of(again)}
+    assert plain.get("/api/session", headers=fresh).get_json()["user_id"] == "alice"
+    # Signing out with a revoked cookie clears it and changes nothing; a Bearer sign-out revokes too.
+    assert plain.delete("/api/session", headers=laptop).status_code == 200
+    assert plain.get("/api/session", headers=fresh).status_code == 200
+    bearer_out = plain.delete("/api/session", headers=bearer(key))
+    assert bearer_out.status_code == 200 and "Max-Age=0" in bearer_out.headers["Set-Cookie"]
+    assert_error(plain.get("/api/session", headers=fresh), 401, "unauthorized")
+
+
+def test_a_sign_out_from_another_origin_is_refused_and_revokes_nothing(app, key):
+    client = app.test_client(use_cookies=False)
+    cookie = {"Cookie": cookie_of(client.post("/api/session", headers=bearer(key)))}
+    assert_error(client.delete("/api/session", headers={**cookie, "Sec-Fetch-Site": "same-site",
+                                                        "Origin": "http://evil.localhost"}), 403, "forbidden")
+    assert client.get("/api/session", headers=cookie).status_code == 200
+
+
+def test_a_clock_behind_the_sign_out_still_mints_a_valid_cookie(app, key, redis_client):
+    """A sign-out written by a host whose clock is ahead: the next cookie is minted after it all the same."""
+    client = app.test_client(use_cookies=False)
+    ahead = int(time.time() * 1000) + 60_000
+    redis_client.hset(api_key_key(key.split("_")[1]), COOKIES_REVOKED_AT, ahead)
+    cookie = {"Cookie": cookie_of(client.post("/api/session", headers=bearer(key)))}
+    assert client.get("/api/session", headers=cookie).status_code == 200
+    # An earlier sign-out (another host, a clock behind) never moves it back.
+    with app.app_context():
+        from app.auth import revoke_cookies
+        assert revoke_cookies(key.split("_")[1], ahead - 30_000)
+        assert not revoke_cookies("0123456789abcdef")  # no such key: nothing is written
+    assert int(redis_client.hget(api_key_key(key.split("_")[1]), COOKIES_REVOKED_AT)) == ahead
+    assert not redis_client.exists(api_key_key("0123456789abcdef"))
+
+
+@pytest.mark.timeout(60)
+def test_sign_out_ends_the_keys_cookie_streams_within_two_seconds_and_leaves_its_bearer_streams(server, api, make_key):
+    cid = api.create(initial_user_msg="x")
+    _, _, headers = api.call("POST", "/api/session")
+    cookie = headers["Set-Cookie"].split(";", 1)[0]
+    bob = Api(server.base, make_key("bob"))
+    bob_cid = bob.create(initial_user_msg="y")
+    bob_cookie = bob.call("POST", "/api/session")[2]["Set-Cookie"].split(";", 1)[0]
+    by_cookie = open_stream(server.port, SSE.format(cid), {"Cookie": cookie})
+    by_key = open_stream(server.port, SSE.format(cid), bearer(api.key))
+    bobs = open_stream(server.port, SSE.format(bob_cid), {"Cookie": bob_cookie})
+    assert len(by_cookie.take(2)) == 2 and len(by_key.take(2)) == 2 and len(bobs.take(2)) == 2
+    started = time.monotonic()
+    status, _, _ = api.call("DELETE", "/api/session", headers={"Cookie": cookie})
+    assert status == 200
+    assert by_cookie.ended(timeout=10)
+    # API.md's bound for revocation, + 0.5 s for this reader's own wake-up on a loaded machine.
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.0 + 0.5, f"the cookie stream ended {elapsed:.2f} s after the sign-out"
+    assert open_stream(server.port, SSE.format(cid), {"Cookie": cookie}).status == 401
+    # The key's Bearer stream and another user's cookie stream go on: an event still reaches both.
+    api.post(cid)
+    bob.post(bob_cid)
+    assert by_key.take(1) and bobs.take(1)
+    # A fresh sign-in streams again.
+    fresh = api.call("POST", "/api/session")[2]["Set-Cookie"].split(";", 1)[0]
+    assert open_stream(server.port, SSE.format(cid), {"Cookie": fresh}).status == 200
