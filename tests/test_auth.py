@@ -11,7 +11,7 @@ from app import create_app
 from app.auth import COOKIE_NAME
 from app.config import secret_from_file
 from app.redis import close
-from app.store import conv_events_key, conv_meta_key
+from app.store import Store, conv_events_key, conv_meta_key
 
 from .conftest import ON_CLUSTER, bearer, create
 
@@ -427,30 +427,44 @@ def assert_untouched(redis_client, before: dict[bytes, tuple], cid: str, events:
         assert after[name] == state, name
 
 
+def comparable(response) -> tuple[int, bytes, list[tuple[str, str]]]:
+    """Everything of an answer but what differs between any two answers (its request id, its date)."""
+    headers = sorted((k, v) for k, v in response.headers.items() if k not in ("X-Request-ID", "Date"))
+    return response.status_code, response.get_data(), headers
+
+
 def test_another_users_conversation_is_404_on_every_route(app, make_key, redis_client):
+    """Exactly the answer an id that does not exist gets: status, body and headers, on every route."""
     alice, bob = make_key("alice"), make_key("bob")
     cid = create(app.test_client(), alice, initial_user_msg="secret plan", repository="acme/app")
+    missing = Store.new_conversation_id()  # shaped like a real id, stored nowhere
     bob_client = app.test_client()
     routes = [
-        ("GET", f"/api/conversations/{cid}", {}),
-        ("DELETE", f"/api/conversations/{cid}", {}),
-        ("POST", f"/api/conversations/{cid}/events", {"json": {"type": "user_message", "content": "hijack"}}),
-        ("POST", f"/api/conversations/{cid}/events", {"json": {"action": "message", "args": {"content": "hijack"}},
-                                                      "headers": {"Idempotency-Key": "bob-1"}}),
-        ("GET", f"/api/conversations/{cid}/events", {}),
-        ("GET", f"/api/conversations/{cid}/events?start_id=0&limit=5", {}),
-        ("DELETE", f"/api/conversations/{cid}", {}),
+        ("GET", "/api/conversations/{cid}", {}),
+        ("DELETE", "/api/conversations/{cid}", {}),
+        ("POST", "/api/conversations/{cid}/events", {"json": {"type": "user_message", "content": "hijack"}}),
+        ("POST", "/api/conversations/{cid}/events", {"json": {"action": "message", "args": {"content": "hijack"}},
+                                                  "headers": {"Idempotency-Key": "bob-1"}}),
+        ("GET", "/api/conversations/{cid}/events", {}),
+        ("GET", "/api/conversations/{cid}/events?start_id=0&limit=5", {}),
+        ("GET", SSE, {}),
+        ("GET", SSE, {"headers": {"Last-Event-ID": "0"}}),
+        ("HEAD", SSE, {}),
+        ("DELETE", "/api/conversations/{cid}", {}),
     ]
-    unknown = app.test_client().get("/api/conversations/doesnotexist", headers=bearer(bob)).get_json()
     before = redis_snapshot(redis_client)
     assert conv_meta_key(cid).encode() in before and conv_events_key(cid).encode() in before
     for method, path, kwargs in routes:
-        headers = {**bearer(bob), **kwargs.pop("headers", {})}
-        response = bob_client.open(path, method=method, headers=headers, **kwargs)
-        assert response.status_code == 404, (method, path, response.data)
+        answers = []
+        for conversation in (cid, missing):
+            headers = {**bearer(bob), **kwargs.get("headers", {})}
+            rest = {k: v for k, v in kwargs.items() if k != "headers"}
+            answers.append(bob_client.open(path.format(cid=conversation), method=method, headers=headers, **rest))
+        theirs, nobodys = answers
+        assert theirs.status_code == 404, (method, path, theirs.data)
         # The same answer as for an id that does not exist at all: nothing is revealed.
-        assert response.get_json() == unknown
-        assert b"secret plan" not in response.data
+        assert comparable(theirs) == comparable(nobodys), (method, path)
+        assert b"secret plan" not in theirs.data
     # Nothing was written: not an event, not a key, not a field (checked on Redis itself).
     assert_untouched(redis_client, before, cid, events=1)
     # Bob's listing does not show it, and nothing of Alice's changed.
