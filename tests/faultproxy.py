@@ -442,3 +442,75 @@ def describe(argv: Argv, width: int = 120) -> str:
     text = " ".join(a.decode(errors="replace") for a in argv)
     return text if len(text) <= width else text[:width] + "..."
 
+
+
+class DownRedis:
+    """A listener on Redis's port while Redis is down: each connection is noted (when, whose) and closed.
+
+    A client of ours names itself in its handshake (`CLIENT SETNAME oh-sse:<pid>:<role>`, after
+    HELLO, answered, and other CLIENT subcommands, refused as an old Redis would): the role it
+    names (or "?" if it sent another command, or nothing within a second) is recorded with the
+    time the connection arrived, and the connection is closed without a reply to the SETNAME.
+    """
+
+    def __init__(self, port: int):
+        self.port = port
+        self.attempts: list[tuple[float, str]] = []  # (monotonic time, role)
+        self._server = socket.create_server(("127.0.0.1", port), reuse_port=False)
+        self._server.settimeout(0.2)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> DownRedis:
+        """Start accepting."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting and close the listening socket."""
+        self._stopped.set()
+        self._thread.join(5)
+        self._server.close()
+
+    def times(self, role: str) -> list[float]:
+        """When connections of `role` arrived."""
+        return [t for t, r in list(self.attempts) if r == role]
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            arrived = time.monotonic()
+            with conn:
+                self.attempts.append((arrived, self._role(conn)))
+
+    @staticmethod
+    def _role(conn: socket.socket) -> str:
+        conn.settimeout(1.0)
+        buf = b""
+        try:
+            while True:
+                data = conn.recv(4096)
+                if not data:
+                    return "?"
+                buf += data
+                argv, end = parse_command(buf)
+                if argv is None:
+                    continue
+                buf = buf[end:]
+                if argv and argv[0].upper() == b"HELLO":
+                    # RESP3's handshake (redis-py's default): answered, so the client names itself next.
+                    proto = argv[1] if len(argv) > 1 else b"2"
+                    conn.sendall(b"%1\r\n$5\r\nproto\r\n:" + proto + b"\r\n")
+                    continue
+                if len(argv) >= 3 and argv[1].upper() == b"SETNAME":
+                    return argv[2].decode(errors="replace").rsplit(":", 1)[-1]
+                if len(argv) < 2 or argv[0].upper() != b"CLIENT":
+                    return "?"  # a command: this client did not name itself first
+                conn.sendall(b"-ERR unknown subcommand\r\n")  # redis-py 8's CLIENT MAINT_NOTIFICATIONS: optional
+        except OSError:
+            return "?"

@@ -106,6 +106,13 @@ class RedisServer:
                 self.proc.wait(5)
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL it: no shutdown save; only what the append-only file holds survives."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
 
 class Gunicorn:
     """gunicorn serving wsgi:app with gevent workers on a free loopback port."""
