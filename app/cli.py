@@ -1,4 +1,4 @@
-"""Flask commands: API keys (create, list, revoke)."""
+"""Flask commands: API keys (create, list, revoke, sign-out)."""
 from __future__ import annotations
 
 import hmac
@@ -8,7 +8,7 @@ import redis
 from flask import current_app
 from flask.cli import with_appcontext
 
-from .auth import split_key
+from .auth import revoke_cookies, split_key
 from .config import redacted_url
 from .store import Store, hash_secret
 from .validation import USER_ID
@@ -73,24 +73,45 @@ def list_keys(user_id: str) -> None:
         click.echo(f"{row['key_id']:<18} {row['created_at']:<33} {status}")
 
 
+def _key_id(store: Store, key: str) -> str:
+    """The key id of KEY (the key itself, which must match what is stored, or its id)."""
+    key_id = split_key(key)
+    if key_id is None:
+        return key
+    # A whole key must match what is stored: a mistyped secret revokes nothing.
+    record = store.get_api_key(key_id)
+    if not record or not hmac.compare_digest(record["hash"], hash_secret(key)):
+        raise click.ClickException("no such key")
+    return key_id
+
+
 @keys.command("revoke")
 @click.argument("key")
 @with_appcontext
 def revoke_key(key: str) -> None:
     """Revoke KEY (the key itself, or its id as `keys list` shows it)."""
     store = _store()
-    key_id = split_key(key)
     try:
-        if key_id is not None:
-            # A whole key must match what is stored: a mistyped secret revokes nothing.
-            record = store.get_api_key(key_id)
-            if not record or not hmac.compare_digest(record["hash"], hash_secret(key)):
-                raise click.ClickException("no such key")
-        else:
-            key_id = key
+        key_id = _key_id(store, key)
         revoked = store.revoke_api_key(key_id)
     except redis.RedisError as err:
         raise _failed(err, "revoking the key", "run it again (revoking twice is harmless)") from None
     if not revoked:
         raise click.ClickException("no such key")
     click.echo(f"revoked key {key_id}")
+
+
+@keys.command("sign-out")
+@click.argument("key")
+@with_appcontext
+def sign_out_key(key: str) -> None:
+    """Sign KEY out of every browser: the session cookies it minted so far stop working (the key does not)."""
+    store = _store()
+    try:
+        key_id = _key_id(store, key)
+        found = revoke_cookies(key_id)
+    except redis.RedisError as err:
+        raise _failed(err, "signing the key out", "run it again (signing out twice is harmless)") from None
+    if not found:
+        raise click.ClickException("no such key")
+    click.echo(f"signed key {key_id} out of every browser")

@@ -102,3 +102,19 @@ def test_sign_out_ends_the_keys_cookie_streams_within_two_seconds_and_leaves_its
     # A fresh sign-in streams again.
     fresh = api.call("POST", "/api/session")[2]["Set-Cookie"].split(";", 1)[0]
     assert open_stream(server.port, SSE.format(cid), {"Cookie": fresh}).status == 200
+
+
+def test_the_cli_signs_a_key_out_of_every_browser(app, key):
+    runner = app.test_cli_runner()
+    client = app.test_client(use_cookies=False)
+    cookie = {"Cookie": cookie_of(client.post("/api/session", headers=bearer(key)))}
+    wrong_secret = "_".join(key.split("_")[:2]) + "_wrong"
+    for given in ("ohk_0123456789abcdef_nope", wrong_secret, "0123456789abcdef"):
+        result = runner.invoke(args=["keys", "sign-out", given])
+        assert result.exit_code != 0 and "no such key" in result.output, given
+    assert client.get("/api/session", headers=cookie).status_code == 200
+    result = runner.invoke(args=["keys", "sign-out", key])
+    assert result.exit_code == 0 and key.split("_")[1] in result.output
+    assert key.split("_", 2)[2] not in result.output
+    assert_error(client.get("/api/session", headers=cookie), 401, "unauthorized")
+    assert client.get("/api/session", headers=bearer(key)).status_code == 200  # the key itself still works
