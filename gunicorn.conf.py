@@ -8,11 +8,15 @@ from urllib.parse import unquote
 
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gevent"
+# gunicorn's gevent worker, with a deadline on each request body (a slow client cannot hold a
+# connection slot; the head is bounded by `keepalive` below): see app/gunicorn_worker.py.
+worker_class = "app.gunicorn_worker.BoundedGeventWorker"
 # One stream costs one file descriptor; a process may hold at most RLIMIT_NOFILE of them.
 worker_connections = int(os.environ.get("WORKER_CONNECTIONS", "19500"))
 timeout = 30
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "10"))
+# Also the bound on a request's head: gevent's worker parses every head (the first on a connection
+# too) under a keep-alive timer of this many seconds, then closes the connection unanswered.
 keepalive = 5
 # gunicorn's own X-Forwarded-Proto handling (wsgi.url_scheme from a peer listed here) trusts
 # loopback by default, so any local process could mark its request https; no peer is trusted

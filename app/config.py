@@ -125,6 +125,9 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "REDIS_POOL_SIZE": ("16", _int(2, 10_000), "Redis connections per worker for requests, at most"),
     "REDIS_TIMEOUT_SECONDS": ("5", _float(0.1), "socket timeout of a Redis command made for a request"),
     "MAX_EVENT_BYTES": ("262144", _int(64), "largest JSON body the API takes (413 beyond)"),
+    "REQUEST_BODY_TIMEOUT_SECONDS": (
+        "30", _float(0.1), "a request body must arrive whole within this long of the request's head (408 beyond)",
+    ),
     "EVENT_RETENTION": ("0", _int(0), "events kept per conversation, oldest trimmed first; 0 keeps all"),
     "IDEMPOTENCY_TTL_SECONDS": ("86400", _int(1), "how long an Idempotency-Key is remembered"),
     "SSE_HEARTBEAT_SECONDS": ("15", _float(0.05), "idle time after which a stream sends ': ping'"),
