@@ -17,7 +17,9 @@ def _json(data: Any) -> bytes:
         return orjson.dumps(data)
     except orjson.JSONEncodeError:
         # orjson holds 64-bit integers; a client may resume from a larger id (one with no events).
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+        # What JSON cannot carry raises ValueError, never goes out: NaN (allow_nan) or a lone
+        # surrogate (no UTF-8 form: encode() refuses it).
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def named_event(name: str, data: Any) -> bytes:

@@ -19,13 +19,16 @@ MAX_BRANCH = 255
 MAX_IDEMPOTENCY_KEY = 255
 # Python converts at most 4300 digits (a guard against quadratic work); no bound of ours is near.
 MAX_DIGITS = 4000
+# HTTP's own whitespace (OWS: space and tab) may surround a value. str.strip() would also take
+# Unicode's (U+3000, U+2028, the \x1c-\x1f separators), which no client means as padding.
+HTTP_SPACE = " \t"
 
 
 def parse_int(name: str, raw: str | None, *, default: int, minimum: int, maximum: int | None = None) -> int:
     """An integer of any length: empty is the default; not one, or below `minimum`, a 400; clamped to `maximum`."""
-    if raw is None or raw.strip() == "":
+    if raw is None or raw.strip(HTTP_SPACE) == "":
         return default
-    text = raw.strip()
+    text = raw.strip(HTTP_SPACE)
     # [0-9], not \d: \d also matches other scripts' digits, which no client means as a number.
     if not re.fullmatch(r"[+-]?[0-9]+", text):
         raise BadRequest(f"{name} must be an integer, got {raw[:40]!r}")
@@ -45,7 +48,7 @@ def parse_int(name: str, raw: str | None, *, default: int, minimum: int, maximum
 
 def resume_point(header: str | None, query: str | None) -> int:
     """The event id a stream resumes after: Last-Event-ID (if sent) wins over latest_event_id."""
-    if header is not None and header.strip() != "":
+    if header is not None and header.strip(HTTP_SPACE) != "":
         return parse_int("Last-Event-ID", header, default=-1, minimum=-1)
     return parse_int("latest_event_id", query, default=-1, minimum=-1)
 
