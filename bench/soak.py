@@ -231,6 +231,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--out", help="results JSON (default bench/results/soak-<date>.json)")
     ap.add_argument("--plot", default=str(MAIN / "docs" / "soak.png"))
+    ap.add_argument("--report-from", metavar="JSON", help="no run: redo the summary and plot of a saved result")
     return ap.parse_args(argv)
 
 
@@ -242,6 +243,13 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _stop_on_signal)
     signal.signal(signal.SIGINT, _stop_on_signal)
     a = parse_args()
+    if a.report_from:
+        data = json.loads(Path(a.report_from).read_text())
+        data["summary"] = summarize(data)
+        Path(a.report_from).write_text(json.dumps(data, indent=1))
+        plot(data, Path(a.plot))
+        say(f"summary rewritten in {a.report_from}; plot: {a.plot}")
+        return
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     logdir = RESULTS / "logs" / f"soak-{stamp}"
     logdir.mkdir(parents=True, exist_ok=True)

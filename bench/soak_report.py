@@ -103,6 +103,35 @@ def _per_role(s: dict) -> dict:
     return out
 
 
+def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, value) points, per hour: growth, not noise, when it persists."""
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return round(3600 * sum((x - mx) * (y - my) for x, y in points) / var, 2) if var else None
+
+
+def trends(samples: list[dict]) -> dict:
+    """RSS (MiB/h) and fds (/h) slopes per process from 60 s on (the streams all open), greenlets and Redis too."""
+    warm = [s for s in samples if s["elapsed_s"] >= 60] or samples
+    names = sorted({n for s in warm for n in _per_role(s)})
+    out: dict = {}
+    for name in names:
+        rows = [(s["elapsed_s"], _per_role(s)[name]) for s in warm if name in _per_role(s)]
+        out[name] = {"rss_mb_per_h": slope_per_hour([(x, r["rss_mb"]) for x, r in rows]),
+                     "fds_per_h": slope_per_hour([(x, r["fds"]) for x, r in rows]),
+                     "rss_mb_min": min(r["rss_mb"] for _, r in rows), "rss_mb_max": max(r["rss_mb"] for _, r in rows)}
+    g = [(s["elapsed_s"], s["greenlets"]) for s in warm if s["greenlets"] is not None]
+    out["greenlets_per_h"] = slope_per_hour(g)
+    out["redis_clients_per_h"] = slope_per_hour([(s["elapsed_s"], s["redis_clients"]) for s in warm
+                                                 if s["redis_clients"] is not None])
+    out["redis_used_memory_mb_per_h"] = slope_per_hour([(s["elapsed_s"], s["redis_used_memory_mb"]) for s in warm])
+    return out
+
+
 def summarize(data: dict) -> dict:
     """Start (streams open, 60 s), 5 min and end figures per process; totals; ok = nothing lost or duplicated."""
     samples = [s for s in data.get("samples", []) if s["phase"] == "load"] or data.get("samples", [])
@@ -121,6 +150,7 @@ def summarize(data: dict) -> dict:
         "greenlets_gauge": "present" if any(s["greenlets"] is not None for s in samples) else
         "absent from /metrics: not recorded",
         "gunicorn_worker_pids_seen": len(per_pid),
+        "trends_from_60s": trends(samples),
         "lost": lost, "duplicated": dup, "checks": checks, "drained": data.get("drained"),
         "delivered": data["streams"]["delivered"], "streams_opened": data["streams"]["opened"],
         "server_ended_streams": data["streams"]["server_ended"], "open_failures": data["streams"]["open_failures"],
