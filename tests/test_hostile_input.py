@@ -1,0 +1,335 @@
+"""Hostile requests against a real gunicorn (gevent workers): a clear 4xx or a closed connection, never a 500.
+
+Never a stuck worker either, and no slow client keeps a connection slot past its bound.
+
+Who answers what: gunicorn itself refuses what it cannot parse (a bad request line, raw non-ASCII
+bytes in the path or query, a bad header, a bad Content-Length or Transfer-Encoding: its own
+`400`, `414` for a request line over 4094 bytes, `431` for over 100 headers or one over 8190
+bytes; HTML, and the connection closes). Everything else reaches the app and gets the JSON
+errors of API.md: `413 payload_too_large`, `400 invalid_json`, `400 invalid_body` (broken chunked
+framing, a body that ended early), `408 request_timeout` (a body slower than
+REQUEST_BODY_TIMEOUT_SECONDS). A head slower than gunicorn's `keepalive` (5 s) is closed unanswered.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from .conftest import Api
+from .servers import wait_until
+from .sse_client import open_stream
+from .test_gunicorn_http import request
+
+LIMIT = 262_144  # the default MAX_EVENT_BYTES: the deep-nesting bodies below fit under it
+HEAD_BOUND = 5  # gunicorn.conf.py's keepalive: the whole head must be in by then
+BODY_BOUND = 1.5  # REQUEST_BODY_TIMEOUT_SECONDS of the servers that test it
+
+
+def exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[int | None, dict[str, str], bytes]:
+    """Send raw bytes on a new connection; (status or None if closed unanswered, headers, body)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    received = b""
+    try:
+        try:
+            sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before all was sent: the answer (if any) is still to be read
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+            head, sep, body = received.partition(b"\r\n\r\n")
+            if sep and b"content-length:" in head.lower():
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                if len(body) >= length:
+                    break
+        else:
+            raise AssertionError(f"no answer and no close within {timeout}s")
+    finally:
+        sock.close()
+    if not received:
+        return None, {}, b""
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def assert_json(status: int | None, headers: dict[str, str], body: bytes, want: int, code: str) -> None:
+    """The app's JSON error (API.md), with this status and code."""
+    assert status == want, (status, body[:300])
+    assert headers["content-type"] == "application/json"
+    answer = json.loads(body)
+    assert set(answer) == {"status", "error", "message"} and answer["error"] == code, answer
+
+
+def assert_gunicorn_refusal(status: int | None, headers: dict[str, str], body: bytes, want: int) -> None:
+    """Gunicorn's own refusal: this 4xx, and the connection closed after it."""
+    assert status == want, (status, body[:300])
+    assert headers.get("connection", "").lower() == "close"
+
+
+def post_head(key: str, path: str = "/api/conversations", extra: str = "") -> bytes:
+    """The head of a JSON POST (its framing headers in `extra`)."""
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\n{extra}\r\n").encode()
+
+
+def count_conversations(api: Api) -> int:
+    """How many conversations alice has."""
+    status, listing, _ = api.call("GET", "/api/conversations?limit=100")
+    assert status == 200
+    return len(listing["results"])
+
+
+@pytest.fixture()
+def server(start_server):
+    """One gevent worker with the default body limit and a short body bound."""
+    return start_server(REQUEST_BODY_TIMEOUT_SECONDS=str(BODY_BOUND))
+
+
+@pytest.fixture()
+def api(server, make_key) -> Api:
+    """Alice on `server`."""
+    return Api(server.base, make_key("alice"))
+
+
+# Bodies ---------------------------------------------------------------------------------------
+
+
+def test_bodies_over_the_limit_too_deep_or_not_utf8_are_json_4xx_and_store_nothing(server, api):
+    port, key = server.port, api.key
+    cid = api.create()
+    events = f"/api/conversations/{cid}/events"
+    # Declared over the limit: refused before a byte of it is read (a client need not send it).
+    for length in (LIMIT + 1, 10**12, 10**30):
+        assert_json(*exchange(port, post_head(key, events, f"Content-Length: {length}\r\n")), 413, "payload_too_large")
+    over = b'{"type":"note","x":"' + b"y" * LIMIT + b'"}'
+    assert_json(*exchange(port, post_head(key, events, f"Content-Length: {len(over)}\r\n") + over), 413,
+                "payload_too_large")
+    bad = {
+        "100,000 [": b"[" * 100_000,
+        "50,000 {": b'{"a":' * 50_000,
+        "nested past what is stored": b'{"type":"note","v":' + b"[" * 300 + b"]" * 300 + b"}",
+        "invalid UTF-8": b'{"type":"note","v":"\xff\xfe"}',
+        "overlong UTF-8": b'{"type":"note","v":"\xc0\xaf"}',
+        "a surrogate in UTF-8": b'{"type":"note","v":"\xed\xa0\x80"}',
+        "NUL outside a string": b'{"type":"note"}\x00',
+    }
+    for what, body in bad.items():
+        status, headers, answer = exchange(port, post_head(key, events, f"Content-Length: {len(body)}\r\n") + body)
+        assert (status, json.loads(answer)["error"]) == (400, "invalid_json"), what
+    status, listing, _ = api.call("GET", events)
+    assert status == 200 and listing["events"] == []
+
+
+def test_broken_body_framing_is_a_400_never_a_500(server, api):
+    port, key = server.port, api.key
+    chunked = "Transfer-Encoding: chunked\r\n"
+    cases = {
+        "a chunk size that is not hex": b"ZZ\r\n{}\r\n0\r\n\r\n",
+        "a negative chunk size": b"-2\r\n{}\r\n0\r\n\r\n",
+        "an empty chunk size": b"\r\n{}\r\n0\r\n\r\n",
+        "a chunk longer than its size": b"1\r\n{}\r\n0\r\n\r\n",
+        "a bad chunk extension": b"2;\x01\r\n{}\r\n0\r\n\r\n",
+        "a bad trailer": b"2\r\n{}\r\n0\r\nbad trailer\r\n\r\n",
+    }
+    for what, body in cases.items():
+        status, headers, answer = exchange(port, post_head(key, extra=chunked) + body)
+        assert_json(status, headers, answer, 400, "invalid_body")
+        assert headers["connection"] == "close", what  # where a next request would start is unknown
+    # Framing gunicorn cannot make sense of, before the app is called: its own 400.
+    for extra in ("Content-Length: -1\r\n", "Content-Length: abc\r\n", "Content-Length: 2\r\nContent-Length: 3\r\n",
+                  "Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", "Transfer-Encoding: gzip\r\n"):
+        assert_gunicorn_refusal(*exchange(server.port, post_head(api.key, extra=extra) + b"{}"), 400)
+    assert count_conversations(api) == 0
+
+
+def test_a_body_cut_short_by_the_client_is_a_400_and_not_acted_on(server, api):
+    # Before the bound, gunicorn handed the app the bytes that came: `{}` of a declared 1000
+    # created a conversation for a client that had gone.
+    for extra, body in (("Content-Length: 1000\r\n", b"{}"), ("Transfer-Encoding: chunked\r\n", b"2\r\n{}\r\n")):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        try:
+            sock.sendall(post_head(api.key, extra=extra) + body)
+            sock.shutdown(socket.SHUT_WR)  # the client is done sending: the body ends early
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        finally:
+            sock.close()
+        assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+        assert b'"error":"invalid_body"' in answer
+    assert count_conversations(api) == 0
+
+
+# Heads ----------------------------------------------------------------------------------------
+
+
+def test_invalid_utf8_and_huge_heads_get_a_clear_4xx(server, api):
+    port, key = server.port, api.key
+    cid = api.create()
+
+    def get(target: bytes, headers: bytes = b"") -> bytes:
+        return b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() + b"\r\n" + headers \
+            + b"Connection: close\r\n\r\n"
+
+    # Raw bytes that are not ASCII in the request line: gunicorn's 400.
+    for target in (b"/api/conversations/\xff\xfe", b"/api/conversations?limit=\xff",
+                   b"/api/sse/conversations/\xc3(/events"):
+        assert_gunicorn_refusal(*exchange(port, get(target)), 400)
+    # Percent-encoded, they reach the app (decoded with replacement characters): JSON.
+    assert_json(*exchange(port, get(b"/api/conversations/%ff%fe")), 404, "not_found")
+    assert_json(*exchange(port, get(b"/api/conversations?limit=%ff")), 400, "bad_request")
+    assert_json(*exchange(port, get(f"/api/conversations/{cid}/events?start_id=%c3%28".encode())), 400, "bad_request")
+    assert_json(*exchange(port, get(f"/api/sse/conversations/{cid}/events?latest_event_id=%ed%a0%80".encode())), 400,
+                "bad_request")
+    # Header values are bytes to HTTP (read as latin-1): the app checks them like any other.
+    sse_path = f"/api/sse/conversations/{cid}/events".encode()
+    assert_json(*exchange(port, get(sse_path, b"Last-Event-ID: \xff\xfe\r\n")), 400, "bad_request")
+    assert_json(*exchange(port, get(b"/api/conversations", b"Authorization: Bearer \xff\xfe\r\n")), 401, "unauthorized")
+    body = b'{"type":"note"}'
+    idem = post_head(key, f"/api/conversations/{cid}/events", f"Content-Length: {len(body)}\r\n").replace(
+        b"\r\n\r\n", b"\r\nIdempotency-Key: \xff\xfe\r\n\r\n") + body
+    assert_json(*exchange(port, idem), 400, "bad_request")
+    status, _, _ = exchange(port, get(b"/api/conversations", b"X-Anything: \xff\xfe\r\n"))
+    assert status == 200  # a header nobody reads is nobody's problem
+    # A control character in a header, and sizes over gunicorn's limits: its own 400, 431, 414.
+    assert_gunicorn_refusal(*exchange(port, get(b"/api/conversations", b"X-A: a\x00b\r\n")), 400)
+    assert_gunicorn_refusal(*exchange(port, get(b"/api/conversations", b"X-Big: " + b"a" * 1_000_000 + b"\r\n")), 431)
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))
+    assert_gunicorn_refusal(*exchange(port, get(b"/api/conversations", many)), 431)
+    assert_gunicorn_refusal(*exchange(port, get(b"/api/conversations?x=" + b"a" * 100_000)), 414)
+    assert_gunicorn_refusal(*exchange(port, get(b"/" + b"a" * 1_000_000)), 414)
+    status, _, _ = exchange(port, get(b"/api/conversations"))
+    assert status == 200  # and the worker still answers
+    status, listing, _ = api.call("GET", f"/api/conversations/{cid}/events")
+    assert status == 200 and listing["events"] == []
+
+
+# Slow clients ---------------------------------------------------------------------------------
+
+
+class Trickler:
+    """A client that sends its request a byte at a time, one a second, and never finishes (unless cut)."""
+
+    def __init__(self, port: int, first: bytes, rest: bytes):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(first)
+        self.rest = rest
+        self.next_at = time.monotonic() + 1
+        self.received = b""
+        self.closed = False
+
+    def tick(self) -> None:
+        """Send the next byte when due; read what has come; note a close."""
+        if self.closed:
+            return
+        now = time.monotonic()
+        if now >= self.next_at and self.rest:
+            try:
+                self.sock.send(self.rest[:1])
+            except OSError:
+                pass  # closed under us: the recv below sees it
+            self.rest, self.next_at = self.rest[1:], now + 1
+        self.sock.settimeout(0.02)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return
+        except OSError:
+            data = b""  # reset: the server closed with our byte unread
+        if data:
+            self.received += data
+        else:
+            self.closed = True
+            self.sock.close()
+
+    def close(self) -> None:
+        """Drop the connection."""
+        self.sock.close()
+
+
+def answered_while_trickling(port: int, tricklers: list[Trickler], request_bytes: bytes, timeout: float) -> bytes:
+    """Send a normal request on a new connection while the tricklers go on; its answer (once complete)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(request_bytes)
+    sock.settimeout(0.02)
+    answer = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while not (b"\r\n\r\n" in answer and answer.endswith(b"}")):
+            assert time.monotonic() < deadline, f"a normal request got no answer within {timeout}s"
+            for trickler in tricklers:
+                trickler.tick()
+            try:
+                answer += sock.recv(65536)
+            except TimeoutError:
+                pass
+    finally:
+        sock.close()
+    return answer
+
+
+@pytest.mark.timeout(60)
+def test_slow_bodies_get_a_json_408_and_free_their_slots(start_server, make_key):
+    # Three connection slots; five clients sending their bodies a byte a second. Without a bound
+    # they would hold every slot for good, and the normal request below would never be answered.
+    server = start_server(WORKER_CONNECTIONS="3", REQUEST_BODY_TIMEOUT_SECONDS=str(BODY_BOUND))
+    api = Api(server.base, make_key("alice"))
+    cid = api.create()
+    slow = [Trickler(server.port, post_head(api.key, f"/api/conversations/{cid}/events", "Content-Length: 1000\r\n")
+                     + b'{"type":"note","x":"', b"y" * 1000) for _ in range(4)]
+    slow.append(Trickler(server.port, post_head(api.key, extra="Transfer-Encoding: chunked\r\n") + b"2\r\n{}\r\n", b""))
+    try:
+        answer = answered_while_trickling(server.port, slow, request("GET", "/api/conversations", api.key), timeout=20)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        wait_until(lambda: [t.tick() for t in slow] and all(t.closed for t in slow), 20, 0.01,
+                   what="every slow body ended")
+    finally:
+        for trickler in slow:
+            trickler.close()
+    for trickler in slow:
+        status, _, rest = trickler.received.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 408 ") and b"connection: close" in status.lower(), trickler.received[:300]
+        assert json.loads(rest)["error"] == "request_timeout"
+    status, listing, _ = api.call("GET", f"/api/conversations/{cid}/events")
+    assert status == 200 and listing["events"] == []
+    assert count_conversations(api) == 1
+
+
+@pytest.mark.timeout(60)
+def test_slow_heads_are_closed_after_the_keepalive_bound_and_free_their_slots_but_streams_go_on(start_server,
+                                                                                                  make_key):
+    # Three slots: an event stream and two slowloris heads fill them, a third head and a normal
+    # request wait. The heads are closed unanswered once the bound passes, the normal request is
+    # answered, and the stream (a long response, not a slow request) is not cut by either bound.
+    server = start_server(WORKER_CONNECTIONS="3", REQUEST_BODY_TIMEOUT_SECONDS="1")
+    api = Api(server.base, make_key("alice"))
+    cid = api.create()
+    events = open_stream(server.port, f"/api/sse/conversations/{cid}/events", {"Authorization": f"Bearer {api.key}"})
+    assert events.status == 200 and events.take(1)[0].event == "connection"
+    started = time.monotonic()
+    slow = [Trickler(server.port, b"GET /api/conversations HTTP/1.1\r\n", b"X-Slow: " + b"z" * 100) for _ in range(3)]
+    try:
+        answer = answered_while_trickling(server.port, slow, request("GET", "/api/conversations", api.key), timeout=30)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert time.monotonic() - started >= HEAD_BOUND - 0.5  # it waited for a slot: the slots really were full
+        wait_until(lambda: [t.tick() for t in slow] and all(t.closed for t in slow), 20, 0.01,
+                   what="every slow head closed")
+    finally:
+        for trickler in slow:
+            trickler.close()
+    assert all(t.received == b"" for t in slow)  # closed unanswered, as gunicorn does for an idle keep-alive
+    api.post(cid, type="note")
+    (event,) = events.take(1)
+    assert event.id == "0" and event.json()["type"] == "note"
+    assert time.monotonic() - started > HEAD_BOUND  # the stream outlived both bounds
