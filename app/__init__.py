@@ -50,8 +50,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     cors.init_app(app)
     metrics.init_app(app)
 
-    from .api import conversations, events, health, sse
-    for module in (conversations, events, sse, health):
+    from .api import conversations, docs, events, health, sse
+    for module in (conversations, events, sse, health, docs):
         app.register_blueprint(module.bp)
     from . import web
     web.init_app(app)

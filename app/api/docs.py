@@ -1,0 +1,93 @@
+"""GET /api/openapi.json (the OpenAPI document) and GET /api/docs (the same as a page), both without auth."""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from flask import Blueprint, Response, current_app, render_template
+
+from ..auth import self_authenticating
+from ..openapi import document
+
+bp = Blueprint("docs", __name__)
+METHODS = ("get", "head", "post", "put", "patch", "delete")
+
+
+def cached_document() -> dict[str, Any]:
+    """The document of the current app, built on first use (it depends on settings only)."""
+    doc = current_app.extensions.get("openapi")
+    if doc is None:
+        doc = current_app.extensions["openapi"] = document(current_app)
+    return doc
+
+
+@bp.get("/api/openapi.json")
+@self_authenticating  # needs no caller: the document holds no secret, and clients read it before they have a key
+def openapi_json() -> Response:
+    """The OpenAPI 3.1 document."""
+    response = Response(orjson.dumps(cached_document()), mimetype="application/json")
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+def resolve(doc: dict[str, Any], node: Any) -> Any:
+    """A `$ref` to a component followed (once, as deep as it goes), anything else as it is."""
+    while isinstance(node, dict) and "$ref" in node:
+        _hash, *path = node["$ref"].split("/")
+        target: Any = doc
+        for part in path:
+            target = target[part]
+        node = target
+    return node
+
+
+def pretty(value: Any) -> str:
+    """JSON, indented, for a <pre>."""
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+
+
+def operations(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every operation with its parameters and responses resolved, in document order."""
+    found = []
+    for path, item in doc["paths"].items():
+        shared = item.get("parameters", [])
+        for method in METHODS:
+            op = item.get(method)
+            if op is None:
+                continue
+            params = [resolve(doc, p) for p in [*shared, *op.get("parameters", [])]]
+            answers = []
+            for status, answer in op["responses"].items():
+                answer = resolve(doc, answer)
+                answers.append({"status": status, "description": answer.get("description", ""),
+                                "content": {media: pretty(body["schema"]) if "schema" in body else ""
+                                            for media, body in answer.get("content", {}).items()},
+                                "headers": answer.get("headers", {})})
+            body = op.get("requestBody")
+            security = op.get("security", doc["security"])
+            found.append({
+                "method": method.upper(), "path": path, "id": op["operationId"], "tag": op["tags"][0],
+                "summary": op["summary"], "description": op.get("description", ""),
+                "security": [", ".join(s) or "none" for s in security] or ["none"],
+                "parameters": [{**p, "schema": pretty(p["schema"])} for p in params],
+                "body": {"required": body.get("required", False),
+                         "content": {media: pretty(b["schema"]) for media, b in body["content"].items()}}
+                if body else None,
+                "responses": answers,
+            })
+    return found
+
+
+@bp.get("/api/docs")
+@self_authenticating
+def docs_page() -> Response:
+    """The document as a page: every operation, its parameters, body and answers, then the schemas."""
+    doc = cached_document()
+    ops = operations(doc)
+    schemas = {name: pretty(schema) for name, schema in doc["components"]["schemas"].items()}
+    html = render_template("api_docs.html", info=doc["info"], operations=ops, schemas=schemas,
+                           tags=[t["name"] for t in doc["tags"]],
+                           schemes=doc["components"]["securitySchemes"], version=doc["openapi"])
+    response = Response(html, mimetype="text/html")
+    response.headers["Cache-Control"] = "no-cache"
+    return response
