@@ -133,6 +133,14 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "SSE_HEARTBEAT_SECONDS": ("15", _float(0.05), "idle time after which a stream sends ': ping'"),
     "SSE_RETRY_MS": ("3000", _int(0), "reconnection delay sent to clients in the 'retry:' line"),
     "SSE_MAX_STREAMS_PER_USER": ("100", _int(0), "open streams per user, across workers; 0: no cap"),
+    "POST_RATE_LIMIT": (
+        "600", _int(0, 1_000_000), "posts (new conversations and events) per API key per minute, across workers "
+        "and hosts, in bursts of up to as many; 429 rate_limited beyond; 0: no limit",
+    ),
+    "STREAM_RATE_LIMIT": (
+        "120", _int(0, 1_000_000), "stream opens per API key per minute, across workers and hosts, in bursts of up "
+        "to as many; 429 rate_limited beyond; 0: no limit",
+    ),
     "SSE_LEASE_SECONDS": (
         "30", _float(3), "a stream's slot under the per-user cap outlives a killed worker by at most this long",
     ),

@@ -1,4 +1,4 @@
-"""The Lua scripts of store.py: each one round trip, each touching one Cluster slot (KEYS by position)."""
+"""The Lua scripts of store.py and ratelimit.py: each one round trip, touching one Cluster slot (KEYS by position)."""
 
 # One round trip per append: ownership, idempotency, id, event, retention and the answer record.
 # KEYS: meta, events, idempotency answers, their expiry, the conversation's channel, its agent
@@ -147,4 +147,28 @@ for i = 2, #ARGV do
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIREAT', KEYS[1], math.ceil(expiry) + 1) end
 return 1
+"""
+
+# A per-key rate limit (ratelimit.py): GCRA, a token bucket kept as one number, the theoretical
+# arrival time (TAT, unix microseconds of Redis' clock) at which the bucket is full again.
+# KEYS: the limit's key, then (optional) the API key's record: with it, nothing is counted unless
+# the record is live (a user, not revoked) and, for a Bearer key (ARGV[3] not ''), its hash is
+# ARGV[3] (credentials a worker will refuse with a 401 must not spend the key's budget). ARGV:
+# emission interval (us between requests at the sustained rate), tolerance (interval * (burst - 1)),
+# the presented key's hash. Returns 0 (counted: let it through), the microseconds to wait (refused:
+# nothing written), or -1 (not counted: the credentials are refused). The key expires when the
+# bucket is full again, which is what a missing key means: idle keys vanish.
+RATE_LIMIT_LUA = """
+if KEYS[2] then
+  local rec = redis.call('HMGET', KEYS[2], 'user_id', 'revoked_at', 'hash')
+  if not rec[1] or rec[2] or (ARGV[3] ~= '' and rec[3] ~= ARGV[3]) then return -1 end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or 0) or 0, now)
+local wait = tat - tonumber(ARGV[2]) - now
+if wait > 0 then return wait end
+tat = tat + tonumber(ARGV[1])
+redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000))
+return 0
 """

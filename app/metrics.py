@@ -54,6 +54,8 @@ HUB_READ_LAG = Histogram(
     "hand-out to the streams", buckets=LAG_BUCKETS)
 SUBSCRIBER_OVERFLOWS = Counter("openhands_subscriber_overflows", "streams ended for falling SSE_QUEUE_MAX behind")
 STREAM_ENDS = Counter("openhands_stream_ends", "SSE streams ended, by reason", ["reason"])
+RATE_LIMITED = Counter("openhands_rate_limited", "requests refused 429 rate_limited by a per-key rate limit, by "
+                       "kind (post, stream)", ["kind"])
 REDIS_ERRORS = Counter("openhands_redis_errors", "Redis errors met, by kind and where", ["kind", "where"])
 REQUESTS = Counter("openhands_http_requests", "HTTP requests answered, by route (the URL rule) and status",
                    ["route", "method", "status"])

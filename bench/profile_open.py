@@ -205,6 +205,7 @@ def main() -> None:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         time.sleep(0.5)
         env = dict(os.environ, REDIS_URL=f"redis://127.0.0.1:{redis_port}/0", SSE_MAX_STREAMS_PER_USER="0",
+                   STREAM_RATE_LIMIT="0", POST_RATE_LIMIT="0",  # thousands of opens with one key
                    WEB_CONCURRENCY="1", BIND=f"127.0.0.1:{port}")
         key = subprocess.run([str(MAIN_VENV / "bin/flask"), "--app", "wsgi", "keys", "create", "bench"], env=env,
                              cwd=MAIN, capture_output=True, text=True, check=True).stdout.split()[-1]

@@ -232,7 +232,9 @@ class Server:
             env["REDIS_URL"] = self.redis.url
         bind = f"127.0.0.1:{self.port}"
         if self.name in OURS:
-            env.update(SSE_MAX_STREAMS_PER_USER="0", WEB_CONCURRENCY="1", BIND=bind)
+            # No per-user cap and no per-key rate limits: the load posts hundreds a second with one key.
+            env.update(SSE_MAX_STREAMS_PER_USER="0", POST_RATE_LIMIT="0", STREAM_RATE_LIMIT="0", WEB_CONCURRENCY="1",
+                       BIND=bind)
             return ([str(MAIN_VENV / "bin/gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
                     env, MAIN)
         if self.name == "starlette":  # as its header says: one uvicorn worker, uvloop, httptools

@@ -24,6 +24,12 @@ from .topologies import RedisCluster3
 # (redis+cluster://) instead of one redis-server: the same tests, the other topology.
 ON_CLUSTER = os.environ.get("TEST_REDIS_TOPOLOGY", "") == "cluster"
 
+# The per-key rate limits are off in every app and server the tests start (their environment is a
+# copy of this one): tests post hundreds of events a second with one key. tests/test_rate_limits.py
+# turns them on for its own.
+os.environ["POST_RATE_LIMIT"] = "0"
+os.environ["STREAM_RATE_LIMIT"] = "0"
+
 
 @pytest.fixture(autouse=True)
 def close_streams() -> Iterator[None]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request
 
-from .. import validation
+from .. import ratelimit, validation
 from ..auth import current_caller
 from ..errors import BadRequest, json_response
 from . import get_store, json_body
@@ -18,6 +18,7 @@ PAGE_MAX = 100
 def create_conversation() -> Response:
     """Create a conversation; its initial message becomes event 0."""
     caller = current_caller()
+    ratelimit.check("post", caller.key_id)  # before anything is stored: a 429 stores nothing
     body, _raw = json_body(required=False)
     message, repository, branch = validation.conversation_fields(body)
     store = get_store()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request
 
-from .. import validation
+from .. import ratelimit, validation
 from ..auth import current_caller
 from . import get_store, json_body
 
@@ -17,6 +17,7 @@ LIST_MAX = 1000
 def post_event(cid: str) -> Response:
     """Append the caller's action as a `user` event; an Idempotency-Key retry adds nothing."""
     caller = current_caller()
+    ratelimit.check("post", caller.key_id)  # before anything is stored: a 429 stores nothing
     idem = validation.idempotency_key(request.headers.get("Idempotency-Key"))
     body, raw = json_body()
     fields = validation.action(body)

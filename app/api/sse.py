@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
-from .. import metrics, replies, sse, stream, validation
+from .. import metrics, ratelimit, replies, sse, stream, validation
 from ..auth import authenticate_with, current_caller, self_authenticating
 from ..errors import BadRequest, NotFound, ServiceUnavailable, TooManyRequests
 from ..hub import Hub, HubUnavailable, gevent_ready
@@ -115,6 +115,7 @@ def stream_events(cid: str) -> Response:
     # Reply deltas the hub hands out from now on may fall between the reply read below and the
     # stream's registration: then the reply is read again after it (see `caught_up`).
     deltas_before = conv.deltas if conv is not None else 0
+    limit = ratelimit.PipelinedCheck("stream", wanted=request.method == "GET")  # a HEAD opens nothing
 
     def reads(pipe: Any) -> None:
         if known:
@@ -122,9 +123,12 @@ def stream_events(cid: str) -> Response:
         if prefetch:
             pipe.xrange(conv_events_key(cid), min=entry_id(latest + 1), max="+", count=PREFETCH)
             pipe.get(conv_reply_key(cid))  # after the XRANGE: as of the same moment (stream.read_page_and_reply)
+        limit.queue(pipe)  # last
 
-    # The key's record, the conversation's owner (and what is stored) in one round trip, checked in that order.
+    # The key's record, the rate limit, the conversation's owner (and what is stored) in one round trip,
+    # checked in that order: a caller over its limit learns nothing of conversations.
     caller, answers = authenticate_with(reads)
+    limit.judge(answers)
     if (_owner(answers[0]) if known else None) != caller.user_id:
         raise NotFound("no such conversation")
     if request.method == "HEAD":  # the headers a GET would get, and no stream behind them
