@@ -20,13 +20,15 @@ from hypothesis import strategies as st
 
 from app import sse, stream, validation
 from app.errors import BadRequest
+from app.keys import conv_channel
 from app.replies import delta_frame
 
 from .conftest import Api, assert_error, bearer, create
+from .servers import wait_until
 
 # Every test here uses the app's test client or pure functions; examples are bounded so the
 # module runs in a few seconds (the real-gunicorn round trip has its own, smaller, budget).
-FAST = settings(max_examples=150, deadline=None, database=None,
+FAST = settings(max_examples=100, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 FEW = settings(max_examples=8, deadline=None, database=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -419,54 +421,80 @@ def test_a_stream_id_is_accepted_or_a_400_never_a_500(client, key, header, query
 # A real gunicorn stream ------------------------------------------------------------------------
 
 
-def read_stream(port: int, path: str, key: str, want: int, timeout: float = 10.0) -> EventStreamParser:
-    """Open a stream over a raw socket; its dispatched events once `want` are in (head checked, body dechunked)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-                     "Accept: text/event-stream\r\n\r\n".encode())
-        raw, parser, deadline, head = b"", EventStreamParser(), time.monotonic() + timeout, None
-        while len(parser.dispatched) < want:
-            assert time.monotonic() < deadline, parser.dispatched
-            data = sock.recv(65536)
+class RawStream:
+    """An event stream over a raw socket: head checked, body dechunked strictly, fed to the standard's parser."""
+
+    def __init__(self, port: int, path: str, key: str, timeout: float = 10.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                          "Accept: text/event-stream\r\n\r\n".encode())
+        self.raw, self.head, self.parser, self.timeout = b"", None, EventStreamParser(), timeout
+
+    def until(self, count: int) -> list[tuple[str, str, str]]:
+        """The events dispatched so far, once there are `count` of them."""
+        deadline = time.monotonic() + self.timeout
+        while len(self.parser.dispatched) < count:
+            assert time.monotonic() < deadline, self.parser.dispatched
+            data = self.sock.recv(65536)
             assert data, "the stream ended early"
-            raw += data
-            if head is None and b"\r\n\r\n" in raw:
-                head, raw = raw.split(b"\r\n\r\n", 1)
-                assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
-            while head is not None and b"\r\n" in raw:
-                size_line, rest = raw.split(b"\r\n", 1)
+            self.raw += data
+            if self.head is None and b"\r\n\r\n" in self.raw:
+                self.head, self.raw = self.raw.split(b"\r\n\r\n", 1)
+                assert self.head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in self.head.lower()
+            while self.head is not None and b"\r\n" in self.raw:
+                size_line, rest = self.raw.split(b"\r\n", 1)
                 size = int(size_line, 16)
                 if len(rest) < size + 2:
                     break
                 assert rest[size:size + 2] == b"\r\n"
-                parser.feed(rest[:size])
-                raw = rest[size + 2:]
-        return parser
-    finally:
-        sock.close()
+                self.parser.feed(rest[:size])
+                self.raw = rest[size + 2:]
+        return self.parser.dispatched
+
+    def close(self) -> None:
+        """Drop the connection."""
+        self.sock.close()
+
+
+RETENTION = 2
 
 
 @pytest.mark.timeout(60)
-def test_generated_events_survive_a_real_gunicorn_stream(start_server, make_key):
-    server = start_server()
+def test_generated_events_survive_a_real_gunicorn_stream(start_server, make_key, app):
+    # Stored events (id + data), the connection event, history_truncated (a retention of 2 trims
+    # older events) and a live agent_message_delta, all read by the standard's parser.
+    server = start_server(EVENT_RETENTION=str(RETENTION))
     api = Api(server.base, make_key("alice"))
 
     @FEW
-    @given(actions=st.lists(valid_actions(), min_size=1, max_size=3))
-    def check(actions: list[dict]) -> None:
+    @given(actions=st.lists(valid_actions(), min_size=1, max_size=4), text=TEXT)
+    def check(actions: list[dict], text: str) -> None:
         cid = api.create()
         for action in actions:
             status, answer, _ = api.call("POST", f"/api/conversations/{cid}/events", action)
             assert status == 200, answer
-        parser = read_stream(server.port, f"/api/sse/conversations/{cid}/events?latest_event_id=-1", api.key,
-                             want=1 + len(actions))
-        connection, *events = parser.dispatched
-        assert connection[0] == "connection" and json.loads(connection[1])["conversation_id"] == cid
-        assert [(kind, last_id) for kind, _, last_id in events] == [("message", str(n)) for n in range(len(actions))]
-        for (_kind, data, _id), action in zip(events, actions):
-            event = json.loads(data)
-            assert {k: v for k, v in event.items() if k not in ("id", "timestamp", "source")} == \
-                {k: v for k, v in action.items() if k != "source"}
+        kept = list(range(len(actions)))[-RETENTION:]
+        stream = RawStream(server.port, f"/api/sse/conversations/{cid}/events?latest_event_id=-1", api.key)
+        try:
+            truncated = kept[0] > 0
+            connection, *events = stream.until(1 + truncated + len(kept))
+            assert connection[0] == "connection" and json.loads(connection[1])["conversation_id"] == cid
+            if truncated:
+                assert events.pop(0) == ("history_truncated", f'{{"earliest_event_id":{kept[0]}}}', "")
+            assert [(kind, last_id) for kind, _, last_id in events] == [("message", str(n)) for n in kept]
+            for (_kind, data, _id), n in zip(events, kept):
+                event = json.loads(data)
+                assert {k: v for k, v in event.items() if k not in ("id", "timestamp", "source")} == \
+                    {k: v for k, v in actions[n].items() if k != "source"}
+            # A live delta, as the agent runtime publishes it: after the last event, with no id.
+            delta = {"cause": kept[-1], "offset": 0, "text": text}
+            store = app.extensions["store"]  # PUBLISH, or SPUBLISH on a Redis 7 Cluster, as the runtime does
+            payload = b"~%d:" % kept[-1] + orjson.dumps(delta)
+            wait_until(lambda: store.redis.execute_command(store.publish, conv_channel(cid), payload),
+                       5, what="the hub listening on the conversation's channel")
+            assert stream.until(2 + truncated + len(kept))[-1] == \
+                ("agent_message_delta", orjson.dumps(delta).decode(), str(kept[-1]))
+        finally:
+            stream.close()
 
     check()
