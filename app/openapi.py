@@ -76,9 +76,10 @@ def query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]
     return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
-def json_body(schema: str, *, required: bool) -> dict[str, Any]:
-    """A JSON request body of a component schema."""
-    return {"required": required, "content": {"application/json": {"schema": ref("schemas", schema)}}}
+def json_body(schema: str, *, required: bool, examples: dict[str, Any]) -> dict[str, Any]:
+    """A JSON request body of a component schema, with examples of it."""
+    return {"required": required, "content": {"application/json": {
+        "schema": ref("schemas", schema), "examples": {name: {"value": value} for name, value in examples.items()}}}}
 
 
 # What a client does with a conversation it created: the document's links (schemathesis follows them).
@@ -96,9 +97,13 @@ def conversation_paths() -> dict[str, Any]:
             "post": operation(
                 "createConversation", "Conversations", "Create a conversation",
                 responses(json_ok("ConversationCreated", "Created; its initial message, if any, is event 0.",
-                                  links=CONVERSATION_LINKS), 400, 401, 403, 413, 415, 429, 503),
+                                  links=CONVERSATION_LINKS), 400, 401, 403, 408, 413, 415, 429, 503),
                 description="The body is optional (empty, or a JSON object). A conversation belongs to its creator.",
-                body=json_body("ConversationCreate", required=False)),
+                body=json_body("ConversationCreate", required=False, examples={
+                    "message": {"initial_user_msg": "Check the README"},
+                    "repository": {"initial_user_msg": "Check it", "repository": "octo/hello",
+                                   "selected_branch": "main"},
+                    "empty": {}})),
             "get": operation(
                 "listConversations", "Conversations", "The caller's conversations, newest first",
                 responses(json_ok("ConversationPage", "A page of conversations."), 400, *BASIC),
@@ -124,10 +129,14 @@ def conversation_paths() -> dict[str, Any]:
                 "postEvent", "Events", "Post an action",
                 responses(json_ok("EventPosted", "Stored as a `user` event with the next id (or, for an "
                                                  "Idempotency-Key retry, the answer the first one got)."),
-                          400, 403, 404, 409, 413, 415, 429, *BASIC),
+                          400, 403, 404, 408, 409, 413, 415, 429, *BASIC),
                 description=("A `user_message` (or a `message` action) starts an agent run that answers it; "
                              "`{\"type\": \"stop\"}` ends the run going."),
-                parameters=[ref("parameters", "IdempotencyKey")], body=json_body("Action", required=True)),
+                parameters=[ref("parameters", "IdempotencyKey")], body=json_body("Action", required=True, examples={
+                    "user_message": {"type": "user_message", "content": "hello"},
+                    "openhands_message": {"action": "message", "args": {"content": "hi"}},
+                    "stop": {"type": "stop"},
+                    "other": {"type": "note", "text": "kept as posted", "n": 3}})),
             "get": operation(
                 "listEvents", "Events", "Stored events from start_id on",
                 responses(json_ok("EventPage", "Events in id order; `has_more` when more follow."), 400, 404,
@@ -181,7 +190,7 @@ def stream_path(providers: list[str]) -> dict[str, Any]:
                              description="A 401 comes before a 400. Open streams per user are capped "
                                          "(SSE_MAX_STREAMS_PER_USER, default 100): one more is a 429."),
             "head": operation("probeStream", "Events", "What opening the stream would answer",
-                              responses(head, 400, 404, 429, *BASIC)),
+                              responses(head, 400, 404, *BASIC)),  # a HEAD opens nothing: no limit
         },
     }
 
@@ -228,7 +237,8 @@ def session_and_ops_paths() -> dict[str, Any]:
             "staticFile", "Web", "The web app's scripts, styles and the browser client",
             responses({"description": "The file.", "content": {"*/*": {}}}, 404),
             parameters=[{"name": "filename", "in": "path", "required": True, "schema": {"type": "string"},
-                         "description": "e.g. `openhands-client.js`"}], security=PUBLIC)},
+                         "description": "e.g. `openhands-client.js`", "example": "openhands-client.js"}],
+            security=PUBLIC)},
         "/api/openapi.json": {"get": operation(
             "openapi", "Docs", "This document",
             responses({"description": "OpenAPI 3.1.", "content": {"application/json": {"schema": {

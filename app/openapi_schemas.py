@@ -222,18 +222,20 @@ SCHEMAS: dict[str, Any] = {
 RETRY_AFTER = {"description": "seconds to wait before retrying", "required": True,
                "schema": {"type": "integer", "minimum": 0}}
 ERROR_TEXT = {
-    400: "Malformed input (a parameter, header or body outside the rules above).",
+    400: "Malformed input (a parameter, header or body outside the rules above, a body cut short or badly framed).",
     401: "No credentials, or bad ones (unknown, revoked, a forged or expired cookie).",
     403: "A session cookie used for a write from another origin (`Sec-Fetch-Site`/`Origin`): send the key.",
     404: "Unknown, or another user's: the same answer either way.",
     405: "A method the path does not have; `Allow` lists those it has.",
+    408: "The body did not arrive whole within REQUEST_BODY_TIMEOUT_SECONDS (default 30) of the request's head.",
     409: "This Idempotency-Key was used for another body in this conversation.",
     413: "The body is larger than MAX_EVENT_BYTES (default 262144 bytes).",
     415: "A body that is not JSON (`Content-Type` not application/json or */*+json).",
-    429: "Too many: a per-key rate limit, or the per-user cap of open streams.",
+    429: "Too many: a per-key rate limit (POST_RATE_LIMIT, STREAM_RATE_LIMIT a minute), or the per-user cap of "
+         "open streams.",
     503: "Redis unreachable or not taking writes now (or this worker is not ready): retry after `Retry-After`.",
 }
-HTTP_CODES_MORE = {403: "forbidden", 409: "conflict", 503: "service_unavailable"}
+HTTP_CODES_MORE = {403: "forbidden", 408: "request_timeout", 409: "conflict", 503: "service_unavailable"}
 
 
 def error_response(status: int) -> dict[str, Any]:
