@@ -30,10 +30,12 @@ patched the standard library.
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 from gunicorn.http.body import LengthReader
+from gunicorn.http.errors import InvalidRequestLine
 from gunicorn.workers.ggevent import GeventWorker
 
 
@@ -64,3 +66,14 @@ class BoundedGeventWorker(GeventWorker):
         finally:
             # The parser drains what the app left unread from gunicorn's own body, under the keep-alive timer.
             req.body = body
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """The answer of gunicorn to a request it cannot parse, with no query string in its log line.
+
+        A request line gunicorn refuses (a raw non-ASCII byte in it, say) is logged whole at
+        WARNING, query string included; the access log leaves query strings out on purpose
+        (gunicorn.conf.py), since a careless client may have put a key there.
+        """
+        if isinstance(exc, InvalidRequestLine) and isinstance(exc.req, str):
+            exc = InvalidRequestLine(re.sub(r"\?\S*", "?...", exc.req))  # ASCII: it is also the answer
+        super().handle_error(req, client, addr, exc)
