@@ -12,6 +12,7 @@ read lag per read, never per subscriber or per event.
 """
 from __future__ import annotations
 
+import gc
 import hmac
 import ipaddress
 import logging
@@ -65,6 +66,11 @@ REQUEST_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS)
 AGENT_ACTIONS = Counter("openhands_agent_actions", "user messages an agent worker answered, by agent and outcome",
                         ["agent", "outcome"])
+# Set from a count made in the worker (at each scrape it answers, and every GREENLETS_REFRESH_SECONDS):
+# a greenlet left behind by a dropped connection shows as growth here. One series per live worker pid.
+GREENLETS = Gauge("openhands_greenlets", "greenlets alive in the worker (spawned or running, not finished)",
+                  multiprocess_mode="liveall")
+GREENLETS_REFRESH_SECONDS = 10.0
 AGENT_SECONDS = Histogram("openhands_agent_action_duration_seconds", "time an agent worker took to answer a message",
                           ["agent"], buckets=AGENT_BUCKETS)
 
@@ -122,6 +128,49 @@ def agent_action(agent: str, outcome: str, seconds: float) -> None:
     AGENT_SECONDS.labels(agent).observe(seconds)
 
 
+def count_greenlets() -> int:
+    """Greenlets of this process spawned and not finished, found among the objects the garbage collector tracks.
+
+    greenlet keeps no registry of its own (gevent.util's tree walks gc the same way). A gunicorn
+    worker freezes what it holds at start-up (gunicorn.conf.py tune_gc): the few greenlets made
+    before (the main one, gevent's hub, the exit watch, the refresher below) are not seen, every
+    one made since is: what grows with connections and streams. The walk is O(objects), about
+    60 ms for 500k, so it runs only at a scrape and every GREENLETS_REFRESH_SECONDS.
+    """
+    try:
+        from greenlet import greenlet
+    except ImportError:  # not under gevent: no greenlets at all
+        return 0
+    # bool(): a raw greenlet started and not finished; a gevent Greenlet spawned (scheduled or
+    # running) and not finished. Not `not dead`: a greenlet never started (one killed before its
+    # start) is not dead either, and lingers as garbage until a full collection.
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and bool(obj))
+
+
+def refresh_greenlets() -> None:
+    """Set this process's greenlet gauge from a fresh count."""
+    GREENLETS.set(count_greenlets())
+
+
+def _refresh_greenlets_forever() -> None:
+    import gevent
+
+    while True:
+        try:
+            refresh_greenlets()
+        except Exception:  # noqa: BLE001 - a gauge must never take the worker down
+            log.exception("counting greenlets failed")
+        gevent.sleep(GREENLETS_REFRESH_SECONDS)
+
+
+def start_greenlet_gauge() -> None:
+    """In a gunicorn gevent worker (multiprocess): keep the gauge fresh, so a scrape of another worker shows it."""
+    import gevent.monkey
+
+    if MULTIPROCESS and gevent.monkey.is_module_patched("socket"):
+        gevent.spawn(_refresh_greenlets_forever)
+
+
 def is_loopback(address: str | None) -> bool:
     """Whether a client address is this host's own (127.0.0.0/8, ::1, or IPv4 loopback mapped into IPv6)."""
     try:
@@ -156,6 +205,7 @@ def peer_address() -> str | None:
 
 def render() -> tuple[bytes, str]:
     """The text exposition of every process's metrics (all workers' in multiprocess mode)."""
+    refresh_greenlets()  # this worker's count is as of now; the others' as of their last refresh
     if MULTIPROCESS:
         from prometheus_client import multiprocess
 
@@ -193,6 +243,7 @@ def warm_up() -> None:
 def init_app(app: Flask) -> None:
     """Add GET /metrics."""
     warm_up()
+    start_greenlet_gauge()
     app.register_blueprint(bp)
 
 
