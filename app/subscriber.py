@@ -127,8 +127,13 @@ class Subscriber:
 
     def _abort(self) -> None:
         if not self.done and self.sock is not None:
+            # The OS socket's shutdown, not gevent's: gevent's cancels the blocked write with EBADF
+            # ("closed in another greenlet"), which gunicorn logs as an error with a traceback when
+            # the write is its own (a catch-up going out through it); the kernel's makes that write
+            # fail with EPIPE, which gunicorn takes quietly for the client going away it is.
+            raw = getattr(self.sock, "_sock", self.sock)
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)
+                raw.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 

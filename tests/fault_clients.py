@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 import urllib.request
@@ -100,6 +101,7 @@ class Poster(threading.Thread):
         super().__init__(daemon=True)
         self.api, self.cid, self.count, self.pause, self.deadline = api, cid, count, pause, deadline
         self.padding = "x" * size
+        self.tag = secrets.token_hex(4)  # two posters on one conversation never share a key
         self.acked: dict[int, int] = {}
         self.sent_at: dict[int, float] = {}  # event id -> monotonic time its post was first sent
         self.failures: list[tuple[int, dict]] = []  # (status, headers)
@@ -126,7 +128,7 @@ class Poster(threading.Thread):
             try:
                 action = {"type": "user_message", "content": self.content(n)}
                 status, body, headers = self.api.call("POST", path, action,
-                                                      headers={"Idempotency-Key": f"{self.cid}-{n}"})
+                                                      headers={"Idempotency-Key": f"{self.tag}-{n}"})
             except OSError:
                 self.failures.append((0, {}))
                 time.sleep(0.05)
