@@ -46,6 +46,13 @@ def pretty(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
 
 
+def schema_view(schema: Any) -> dict[str, str]:
+    """A schema for the page: the name of the component it refers to (a link), else its JSON."""
+    if isinstance(schema, dict) and set(schema) == {"$ref"} and schema["$ref"].startswith("#/components/schemas/"):
+        return {"ref": schema["$ref"].rsplit("/", 1)[1]}
+    return {"json": pretty(schema)}
+
+
 def operations(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Every operation with its parameters and responses resolved, in document order."""
     found = []
@@ -60,7 +67,7 @@ def operations(doc: dict[str, Any]) -> list[dict[str, Any]]:
             for status, answer in op["responses"].items():
                 answer = resolve(doc, answer)
                 answers.append({"status": status, "description": answer.get("description", ""),
-                                "content": {media: pretty(body["schema"]) if "schema" in body else ""
+                                "content": {media: schema_view(body["schema"]) if "schema" in body else {}
                                             for media, body in answer.get("content", {}).items()},
                                 "headers": answer.get("headers", {})})
             body = op.get("requestBody")
@@ -71,7 +78,9 @@ def operations(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 "security": [", ".join(s) or "none" for s in security] or ["none"],
                 "parameters": [{**p, "schema": pretty(p["schema"])} for p in params],
                 "body": {"required": body.get("required", False),
-                         "content": {media: pretty(b["schema"]) for media, b in body["content"].items()}}
+                         "content": {media: schema_view(b["schema"]) for media, b in body["content"].items()},
+                         "examples": [pretty(e["value"]) for b in body["content"].values()
+                                      for e in b.get("examples", {}).values()]}
                 if body else None,
                 "responses": answers,
             })
