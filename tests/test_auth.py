@@ -277,6 +277,18 @@ def test_a_tampered_cookie_is_401(app, make_key, tamper):
     assert_401(cookie_only_client(app, tamper(cookie)).get("/api/conversations"))
 
 
+def test_a_cookie_edited_to_name_another_users_key_or_a_later_mint_time_is_401(app, make_key):
+    """The signature covers the key id and the mint time: neither can be moved to another user or past a sign-out."""
+    alice, bob = make_key("alice"), make_key("bob")
+    cookie = session_cookie(app.test_client().get("/api/conversations", headers=bearer(alice)))
+    key_id, rest = cookie.split(":", 1)
+    minted, signature = rest.split(".", 1)
+    assert cookie_only_client(app, cookie).get("/api/session").get_json()["user_id"] == "alice"
+    assert_401(cookie_only_client(app, f"{bob.split('_')[1]}:{rest}").get("/api/session"))
+    assert_401(cookie_only_client(app, f"{key_id}:{int(minted) + 10**9}.{signature}").get("/api/session"))
+    assert_401(cookie_only_client(app, f"{key_id}.{signature}").get("/api/session"))  # its mint time dropped
+
+
 def test_an_expired_cookie_is_401(app, make_key):
     key = make_key("alice")
     secret = secret_from_file(Path(app.config["SECRET_KEY_FILE"])).encode()

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from app.auth import COOKIE_NAME
+from app.auth import COOKIE_NAME, revoke_cookies
 from app.keys import COOKIES_REVOKED_AT, api_key_key
 
 from .conftest import Api, assert_error, bearer
@@ -68,7 +68,6 @@ def test_a_clock_behind_the_sign_out_still_mints_a_valid_cookie(app, key, redis_
     assert client.get("/api/session", headers=cookie).status_code == 200
     # An earlier sign-out (another host, a clock behind) never moves it back.
     with app.app_context():
-        from app.auth import revoke_cookies
         assert revoke_cookies(key.split("_")[1], ahead - 30_000)
         assert not revoke_cookies("0123456789abcdef")  # no such key: nothing is written
     assert int(redis_client.hget(api_key_key(key.split("_")[1]), COOKIES_REVOKED_AT)) == ahead
@@ -118,3 +117,13 @@ def test_the_cli_signs_a_key_out_of_every_browser(app, key):
     assert key.split("_", 2)[2] not in result.output
     assert_error(client.get("/api/session", headers=cookie), 401, "unauthorized")
     assert client.get("/api/session", headers=bearer(key)).status_code == 200  # the key itself still works
+
+
+def test_a_cookie_minted_before_mint_times_were_carried_is_signed_out_too(app, key):
+    """A cookie of the old shape (the key id alone) counts as minted in the second it was signed."""
+    client = app.test_client(use_cookies=False)
+    old = {"Cookie": f"{COOKIE_NAME}={app.extensions['session_signer'].sign(key.split('_')[1]).decode()}"}
+    assert client.get("/api/session", headers=old).status_code == 200
+    with app.app_context():
+        assert revoke_cookies(key.split("_")[1], int(time.time() * 1000) + 1000)
+    assert_error(client.get("/api/session", headers=old), 401, "unauthorized")
