@@ -131,6 +131,26 @@ def test_a_stalled_reader_is_ended_in_bounded_memory_and_other_readers_keep_thei
     assert "Traceback" not in server.log()  # its end is no error of the server's
 
 
+@pytest.mark.timeout(60)
+def test_a_reader_stalled_in_its_catch_up_is_ended_quietly(start_server, make_key):
+    # Its catch-up (6 MB, more than loopback's socket buffers take) goes out through gunicorn,
+    # whose write blocks: cutting the stream off must not be an error in gunicorn's log.
+    server = start_server(SSE_QUEUE_MAX="5")
+    api = Api(server.base, make_key("alice"))
+    cid = api.create()
+    Poster(api, cid, 60, 0, size=100_000).run()
+    stalled = stalled_reader(server.port, SSE.format(cid), api.key, -1)
+    try:
+        wait_until(lambda: open_streams(server.base) == 1, 10, what="the stalled reader's stream")
+        Poster(api, cid, 10, 0).run()  # past SSE_QUEUE_MAX behind
+        wait_until(lambda: open_streams(server.base) == 0, 20, what="the stalled stream ended")
+        ends = scrape(server.base + "/metrics")
+        assert value(ends, "openhands_stream_ends_total", reason="overflow") == 1
+        assert "Traceback" not in server.log() and "Socket error" not in server.log()
+    finally:
+        stalled.close()
+
+
 # Connections opened and dropped ---------------------------------------------------------------
 
 
