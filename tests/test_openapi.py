@@ -176,14 +176,14 @@ def matches(schema: dict, text: str) -> bool:
 NUMBERISH = st.text(alphabet="0123456789+-  \t\u3000\u2028\x1cx\n", max_size=8)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, database=None)
 @given(NUMBERISH)
 def test_the_integer_patterns_take_exactly_what_parse_int_takes(text):
     for schema, minimum in ((AT_LEAST_1, 1), (AT_LEAST_0, 0), (AT_LEAST_MINUS_1, -1)):
         assert matches(schema, text) == accepts(minimum, text), (schema["description"], text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.lists(st.sampled_from(["github", "gitlab", "bitbucket", "GitHub", "svn", "", " ", "\u3000", "\t"]),
                 max_size=4).map(",".join))
 def test_the_providers_pattern_takes_exactly_what_providers_set_takes(text):

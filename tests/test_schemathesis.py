@@ -35,15 +35,16 @@ workers = 1
 max-steps = 8
 generation = { max-examples = 12 }
 
-# A stream never ends by itself: read its opening and what is stored (a few events), then hang up.
+# A stream never ends by itself: read its opening and what is stored (a few events), then hang up
+# (each stream answered 200 costs this long; its head must come sooner, on a loaded box too).
 [[operations]]
 include-operation-id = "streamEvents"
-request-timeout = 1
+request-timeout = 1.5
 max-stream-events = 5
 """
 
 
-def run_schemathesis(base: str, key: str, workdir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def run_schemathesis(base: str, key: str, workdir: Path) -> subprocess.CompletedProcess[str]:
     """`schemathesis run` on the server's own document; its output and exit code."""
     config = workdir / "schemathesis.toml"
     config.write_text(CONFIG)
@@ -51,10 +52,10 @@ def run_schemathesis(base: str, key: str, workdir: Path, *extra: str) -> subproc
     command = [
         str(Path(sys.executable).parent / "schemathesis"), "--no-color", "--config-file", str(config), "run",
         f"{base}/api/openapi.json", "--checks", CHECKS, "--max-examples", str(MAX_EXAMPLES), *seed,
-        "--suppress-health-check", "too_slow", "--report-dir", str(workdir / "report"), *extra,
+        "--suppress-health-check", "too_slow",
     ]
     # The key goes in the environment (the config reads it), never on a command line others can read.
-    env = {**os.environ, "OH_SCHEMATHESIS_KEY": key, "SCHEMATHESIS_TELEMETRY": "false"}
+    env = {**os.environ, "OH_SCHEMATHESIS_KEY": key}
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=150)
 
 
@@ -64,7 +65,8 @@ def test_schemathesis_finds_no_server_error_and_no_answer_unlike_the_document(st
     server = start_server(SSE_HEARTBEAT_SECONDS="0.2", POST_RATE_LIMIT="300", STREAM_RATE_LIMIT="40")
     result = run_schemathesis(server.base, make_key("schemathesis"), tmp_path)
     print(result.stdout[-6000:])
-    print(collections.Counter(ACCESS_LINE.findall(server.log())))
+    statuses = collections.Counter(status for _route, status in ACCESS_LINE.findall(server.log()))
+    print("statuses the server answered:", dict(sorted(statuses.items())))
     assert result.returncode == 0, result.stdout[-30000:] + result.stderr[-5000:]
     # schemathesis saw no 500; nor did the server answer one to any request (its access log says).
     answered = ACCESS_LINE.findall(server.log())
