@@ -5,6 +5,8 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
+import redis.cluster
 from itsdangerous import TimestampSigner
 
 from app import create_app
@@ -14,6 +16,7 @@ from app.redis import close
 from app.store import Store, conv_events_key, conv_meta_key
 
 from .conftest import ON_CLUSTER, bearer, create
+from .sse_client import open_stream
 
 SSE = "/api/sse/conversations/{cid}/events"
 
@@ -511,3 +514,27 @@ def test_another_users_idempotency_key_does_not_reach_the_conversation(app, make
                                    headers={**bearer(alice), "Idempotency-Key": "k1"})
     assert again.status_code == 200 and again.get_json() == first.get_json()
     assert_untouched(redis_client, before, cid, events=1, agents_told_again=ON_CLUSTER)
+
+
+def xrange_calls(redis_client) -> int:
+    """How many XRANGE commands the tests' Redis (every master of a Cluster) has run."""
+    if isinstance(redis_client, redis.cluster.RedisCluster):
+        stats = list(redis_client.info("commandstats", target_nodes=redis.cluster.RedisCluster.PRIMARIES).values())
+    else:
+        stats = [redis_client.info("commandstats")]
+    return sum(node.get("cmdstat_xrange", {}).get("calls", 0) for node in stats)
+
+
+def test_another_users_id_reads_no_events_even_while_its_owner_streams_it(server, api, make_key, redis_client):
+    """A stream open in the worker makes its owner's next open read ahead; never another user's 404 (timing)."""
+    cid = api.create(initial_user_msg="secret plan")
+    mine = open_stream(server.port, SSE.format(cid=cid), bearer(api.key))
+    assert len(mine.take(2)) == 2
+    bob = make_key("bob")
+    before = xrange_calls(redis_client)
+    for _ in range(3):
+        assert open_stream(server.port, SSE.format(cid=cid), bearer(bob)).status == 404
+    assert xrange_calls(redis_client) == before
+    # Alice's second tab still gets the backlog with its opening (tests/test_stream_prefetch.py).
+    second = open_stream(server.port, SSE.format(cid=cid), bearer(api.key))
+    assert len(second.take(2)) == 2 and xrange_calls(redis_client) - before == 1
