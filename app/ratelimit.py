@@ -19,14 +19,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from flask import current_app
+from flask import current_app, request
 
 from . import metrics
-from .auth import presented
-from .errors import TooManyRequests
+from .auth import SAFE_METHODS, Caller, authenticate_with, presented, refuse_cross_origin
+from .errors import Forbidden, TooManyRequests
 from .keys import api_key_key
 from .lua import RATE_LIMIT_LUA
-from .redis import get_redis
 from .store import hash_secret
 
 # kind -> (its setting, what it limits, for the 429's message)
@@ -74,22 +73,13 @@ def _judge(kind: str, wait_us: Any) -> None:
         f"{per_minute}); retry in {seconds} s", code="rate_limited", headers={"Retry-After": str(seconds)})
 
 
-def check(kind: str, key_id: str) -> None:
-    """Count one request of `kind` by an authenticated caller against its key's limit; 429 when over it.
-
-    One round trip (the script), made before the request writes anything.
-    """
-    per_minute = _per_minute(kind)
-    if per_minute:
-        _judge(kind, get_redis().eval(RATE_LIMIT_LUA, 1, rate_limit_key(key_id, kind),
-                                      interval_us(per_minute), tolerance_us(per_minute), ""))
-
-
 class PipelinedCheck:
     """A limit check queued on the pipeline that looks the caller's key up (auth.authenticate_with): no round trip more.
 
     It runs before the credentials are verified, so the script checks them itself (a live record,
-    the Bearer key's hash): a request that will get a 401 spends no one's budget.
+    the Bearer key's hash), and a cookie's write from another origin (auth's 403) is not queued:
+    a request that will be refused spends no one's budget. A cookie minted before its key signed
+    out (a 401 too) does count: it had to be one the server signed.
     """
 
     def __init__(self, kind: str, wanted: bool = True):
@@ -102,6 +92,11 @@ class PipelinedCheck:
         creds = presented() if self.wanted else None
         if creds is None:
             return
+        if creds.via == "cookie" and request.method not in SAFE_METHODS:
+            try:
+                refuse_cross_origin()
+            except Forbidden:
+                return  # auth.verify answers it 403
         per_minute = _per_minute(self.kind)
         digest = hash_secret(creds.key) if creds.via == "bearer" else ""
         pipe.eval(RATE_LIMIT_LUA, 2, rate_limit_key(creds.key_id, self.kind), api_key_key(creds.key_id),
@@ -112,3 +107,14 @@ class PipelinedCheck:
         """Take the script's reply off the end of `replies`; 429 when the request is over the limit."""
         if self.queued:
             _judge(self.kind, replies.pop())
+
+
+def authenticate_counted(kind: str) -> Caller:
+    """The caller (as auth.current_caller) with one request of `kind` counted, in the key lookup's round trip; 429 over.
+
+    For a view marked auth.self_authenticating, before it stores anything: a 429 stores nothing.
+    """
+    limit = PipelinedCheck(kind)
+    caller, replies = authenticate_with(limit.queue)
+    limit.judge(replies)
+    return caller

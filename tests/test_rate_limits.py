@@ -257,6 +257,25 @@ def test_every_post_and_open_counts_before_anything_else(app_with, redis_client)
     assert client.get(SSE.format("not-a-conversation"), headers=bearer(key)).status_code == 429  # before the 404
 
 
+def test_a_cookie_write_from_another_origin_is_refused_uncounted_and_options_still_needs_credentials(
+        app_with, redis_client):
+    app = app_with(POST_RATE_LIMIT=2)
+    client, key = app.test_client(), app.extensions["store"].create_api_key("alice")[1]
+    client.get("/api/conversations", headers=bearer(key))  # mints the session cookie, kept by the test client
+    for origin in ("https://elsewhere.example", "https://elsewhere.example", "https://elsewhere.example"):
+        assert client.post("/api/conversations", json={}, headers={"Origin": origin}).status_code == 403
+    assert not redis_client.exists(rate_limit_key(key_id(key), "post"))
+    assert client.post("/api/conversations", json={}).status_code == 200  # the same origin's: counted
+    assert redis_client.exists(rate_limit_key(key_id(key), "post"))
+    # The posting views authenticate themselves; OPTIONS on their paths is still authenticated first.
+    cid = client.post("/api/conversations", json={}, headers=bearer(key)).get_json()["conversation_id"]
+    for path in ("/api/conversations", f"/api/conversations/{cid}/events"):
+        client.delete_cookie("oh_session")  # a Bearer caller's 200 sets it again
+        assert client.options(path).status_code == 401
+        answer = client.options(path, headers=bearer(key))
+        assert answer.status_code == 200 and "POST" in answer.headers["Allow"]
+
+
 @pytest.mark.skipif(ON_CLUSTER, reason="the fault proxy stands in front of one redis-server")
 def test_a_lost_reply_of_the_limiter_is_a_503_and_counted_once(redis_server, redis_client, app_with):
     store = app_with().extensions["store"]

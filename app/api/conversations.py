@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 
 from .. import ratelimit, validation
-from ..auth import current_caller
+from ..auth import current_caller, self_authenticating
 from ..errors import BadRequest, json_response
 from . import get_store, json_body
 
@@ -14,11 +14,12 @@ PAGE_DEFAULT = 20
 PAGE_MAX = 100
 
 
-@bp.post("")
+# OPTIONS is the GET rule's (authenticated before the view, as on every route), not this view's.
+@bp.post("", provide_automatic_options=False)
+@self_authenticating
 def create_conversation() -> Response:
     """Create a conversation; its initial message becomes event 0."""
-    caller = current_caller()
-    ratelimit.check("post", caller.key_id)  # before anything is stored: a 429 stores nothing
+    caller = ratelimit.authenticate_counted("post")  # the key and its rate limit in one round trip
     body, _raw = json_body(required=False)
     message, repository, branch = validation.conversation_fields(body)
     store = get_store()

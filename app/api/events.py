@@ -4,7 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 
 from .. import ratelimit, validation
-from ..auth import current_caller
+from ..auth import current_caller, self_authenticating
 from . import get_store, json_body
 
 bp = Blueprint("events", __name__, url_prefix="/api/conversations")
@@ -13,11 +13,12 @@ LIST_DEFAULT = 100
 LIST_MAX = 1000
 
 
-@bp.post("/<cid>/events")
+# OPTIONS is the GET rule's (authenticated before the view, as on every route), not this view's.
+@bp.post("/<cid>/events", provide_automatic_options=False)
+@self_authenticating
 def post_event(cid: str) -> Response:
     """Append the caller's action as a `user` event; an Idempotency-Key retry adds nothing."""
-    caller = current_caller()
-    ratelimit.check("post", caller.key_id)  # before anything is stored: a 429 stores nothing
+    caller = ratelimit.authenticate_counted("post")  # the key and its rate limit in one round trip
     idem = validation.idempotency_key(request.headers.get("Idempotency-Key"))
     body, raw = json_body()
     fields = validation.action(body)
