@@ -4,10 +4,10 @@ Each limit is a token bucket that holds a minute's allowance and refills at that
 for a minute may make that many requests at once, then that many a minute (so at most twice the
 limit in any 60 s). It is kept as GCRA in Redis (lua.RATE_LIMIT_LUA): one key per API key and kind,
 ``ratelimit:{<key id>}:<kind>`` (the hash tag of the key's record, ``apikey:{<key id>}``: one
-Cluster slot), one script run per request, with Redis' clock, so workers and hosts share it
-exactly. A refused request writes nothing and is answered ``429 rate_limited`` with
-``Retry-After`` (whole seconds, at least 1, after which the next request passes), before anything
-is stored.
+Cluster slot), one script run per request on the pipeline that looks the key up (no round trip of
+its own), with Redis' clock, so workers and hosts share it exactly. A refused request writes
+nothing and is answered ``429 rate_limited`` with ``Retry-After`` (whole seconds, at least 1,
+after which the next request passes), before anything is stored.
 
 The script is never re-sent: a second run after a lost reply would count the request twice. Any
 Redis error is the request's 503 (errors.py), as for the lookup of the key that comes with it.
