@@ -8,6 +8,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis
 import pytest
 import redis
 
@@ -23,6 +24,13 @@ from .topologies import RedisCluster3
 # TEST_REDIS_TOPOLOGY=cluster runs the suite's Redis-facing tests on a 3-master Redis Cluster
 # (redis+cluster://) instead of one redis-server: the same tests, the other topology.
 ON_CLUSTER = os.environ.get("TEST_REDIS_TOPOLOGY", "") == "cluster"
+
+# Property tests search with a new random seed on every local run (that is how they find
+# things); under CI they run the same examples each time, so a landing never fails on a draw
+# no one can reproduce. HYPOTHESIS_PROFILE=random searches in CI too.
+hypothesis.settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI") and os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
+    hypothesis.settings.load_profile("ci")
 
 # The per-key rate limits are off in every app and server the tests start (their environment is a
 # copy of this one): tests post hundreds of events a second with one key. tests/test_rate_limits.py
