@@ -242,8 +242,11 @@ def init_app(app: Flask) -> None:
 
     @app.before_request
     def _require_caller() -> None:
-        if request.path.startswith("/api/") and request.endpoint is not None \
-                and not getattr(app.view_functions.get(request.endpoint), "self_authenticating", False) \
+        # Flask answers OPTIONS itself without running the view: a view that checks its caller
+        # itself has not done so then, so OPTIONS needs a caller here like every /api route.
+        checks_itself = getattr(app.view_functions.get(request.endpoint), "self_authenticating", False) \
+            and request.method != "OPTIONS"
+        if request.path.startswith("/api/") and request.endpoint is not None and not checks_itself \
                 and not cors.allowed_preflight():  # a browser never sends credentials with a preflight
             current_caller()
 

@@ -75,6 +75,10 @@ def test_a_405_changes_nothing(client, key, cid):
 def test_options_needs_credentials_like_every_api_route(client, key, cid):
     """But for a real CORS preflight from a CORS_ORIGINS origin, which never carries them (tests/test_cors.py)."""
     assert_error(client.options(f"/api/conversations/{cid}"), 401, "unauthorized")
+    # Views that check their caller themselves too: Flask answers their OPTIONS without running them.
+    for path in (f"/api/sse/conversations/{cid}/events", f"/api/conversations/{cid}/events",
+                 "/api/conversations", "/api/session"):
+        assert_error(client.options(path), 401, "unauthorized")
     assert_error(client.options(f"/api/conversations/{cid}", headers={  # CORS_ORIGINS is empty here
         "Origin": "https://app.example.com", "Access-Control-Request-Method": "GET"}), 401, "unauthorized")
     response = client.options(f"/api/conversations/{cid}", headers=bearer(key))
