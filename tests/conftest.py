@@ -11,6 +11,7 @@ from pathlib import Path
 import hypothesis
 import pytest
 import redis
+import redis.cluster
 
 from app import create_app
 from app.redis import close
@@ -130,6 +131,15 @@ def create(client, key: str, **body) -> str:
     response = client.post("/api/conversations", json=body, headers=bearer(key))
     assert response.status_code == 200, response.data
     return response.get_json()["conversation_id"]
+
+
+def xrange_calls(redis_client) -> int:
+    """How many XRANGE commands the tests' Redis (every master of a Cluster) has run."""
+    if isinstance(redis_client, redis.cluster.RedisCluster):
+        stats = list(redis_client.info("commandstats", target_nodes=redis.cluster.RedisCluster.PRIMARIES).values())
+    else:
+        stats = [redis_client.info("commandstats")]
+    return sum(node.get("cmdstat_xrange", {}).get("calls", 0) for node in stats)
 
 
 def assert_no_trace(response) -> None:

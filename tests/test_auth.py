@@ -5,8 +5,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
-import redis.cluster
 from itsdangerous import TimestampSigner
 
 from app import create_app
@@ -15,7 +13,7 @@ from app.config import secret_from_file
 from app.redis import close
 from app.store import Store, conv_events_key, conv_meta_key
 
-from .conftest import ON_CLUSTER, bearer, create
+from .conftest import ON_CLUSTER, bearer, create, xrange_calls
 from .sse_client import open_stream
 
 SSE = "/api/sse/conversations/{cid}/events"
@@ -514,15 +512,6 @@ def test_another_users_idempotency_key_does_not_reach_the_conversation(app, make
                                    headers={**bearer(alice), "Idempotency-Key": "k1"})
     assert again.status_code == 200 and again.get_json() == first.get_json()
     assert_untouched(redis_client, before, cid, events=1, agents_told_again=ON_CLUSTER)
-
-
-def xrange_calls(redis_client) -> int:
-    """How many XRANGE commands the tests' Redis (every master of a Cluster) has run."""
-    if isinstance(redis_client, redis.cluster.RedisCluster):
-        stats = list(redis_client.info("commandstats", target_nodes=redis.cluster.RedisCluster.PRIMARIES).values())
-    else:
-        stats = [redis_client.info("commandstats")]
-    return sum(node.get("cmdstat_xrange", {}).get("calls", 0) for node in stats)
 
 
 def test_another_users_id_reads_no_events_even_while_its_owner_streams_it(server, api, make_key, redis_client):

@@ -12,24 +12,12 @@ import threading
 import time
 from types import SimpleNamespace
 
-import redis
-import redis.cluster
-
 from app import stream
 
-from .conftest import Api, bearer
+from .conftest import Api, bearer, xrange_calls
 from .sse_client import open_stream
 
 SSE = "/api/sse/conversations/{}/events"
-
-
-def xrange_calls(redis_client) -> int:
-    """How many XRANGE commands the tests' Redis (every master of a Cluster) has run."""
-    if isinstance(redis_client, redis.cluster.RedisCluster):
-        stats = list(redis_client.info("commandstats", target_nodes=redis.cluster.RedisCluster.PRIMARIES).values())
-    else:
-        stats = [redis_client.info("commandstats")]
-    return sum(node.get("cmdstat_xrange", {}).get("calls", 0) for node in stats)
 
 
 def ids(events) -> list[int]:
