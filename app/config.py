@@ -145,6 +145,10 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         "30", _float(3), "a stream's slot under the per-user cap outlives a killed worker by at most this long",
     ),
     "SSE_QUEUE_MAX": ("2000", _int(1), "events a slow stream may fall behind before it is ended"),
+    "SSE_STALL_SECONDS": (
+        "60", _float(0), "a stream whose client has taken none of its bytes for this long (a write blocked) is "
+        "ended; 0: never",
+    ),
     "SSE_COALESCE_MS": (
         "4", _float(0), "after writing an event to 200+ streams, wait this long to batch the next; 0: never",
     ),

@@ -33,9 +33,8 @@ from .store import (
     conv_events_key,
     conv_meta_key,
     entry_id,
-    event_id_of,
 )
-from .subscriber import Batch, Subscriber
+from .subscriber import Batch, Subscriber, end_stalled, entry_frames
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ class Hub:
     """The fan-out of one worker process."""
 
     def __init__(self, redis_url: str, store: Store, *, queue_max: int, stream_cap: int, lease_ttl: float = 30.0,
-                 coalesce: float = 0.0):
+                 coalesce: float = 0.0, stall_seconds: float = 60.0):
         # First, as it may fail (Redis down: the caller answers 503 and the next stream tries again).
         sharded = store.publish == "SPUBLISH"
         self.store = store
@@ -91,6 +90,7 @@ class Hub:
         self.queue_max = queue_max
         self.stream_cap = stream_cap
         self.lease_ttl = lease_ttl
+        self.stall_seconds = stall_seconds  # a write waiting this long on its client ends its stream; 0: never
         # Registered streams whose response has not started yet, with when they registered: one
         # that never starts (an exception after the view returned) would otherwise hold its slot
         # and subscription forever.
@@ -296,7 +296,7 @@ class Hub:
         except redis.RedisError as err:
             metrics.redis_error(err, "hub")
             return []  # the subscribers close the gap from Redis themselves
-        return self._frames(entries)
+        return entry_frames(entries)
 
     def _up_to(self, conv: Conversation, last: int) -> list[tuple[int, bytes]]:
         """The stored events up to `last` that the conversation's subscribers may lack."""
@@ -310,17 +310,7 @@ class Hub:
         except redis.RedisError as err:
             metrics.redis_error(err, "hub")
             return []  # the next announcement, or the subscribers themselves, close the gap
-        return self._frames(entries)
-
-    @staticmethod
-    def _frames(entries: list) -> list[tuple[int, bytes]]:
-        items = []
-        for eid, fields in entries:
-            data = fields.get(b"e")
-            if data is not None:  # an entry not written by us is skipped, not fatal
-                event_id = event_id_of(eid)
-                items.append((event_id, sse.event_frame(event_id, data)))
-        return items
+        return entry_frames(entries)
 
     def _resync_loop(self) -> None:
         # After a pub/sub reconnect, announcements made while it was down are lost: once a
@@ -362,7 +352,7 @@ class Hub:
                 after = conv.position if conv.position is not None else min(s.last_sent for s in conv.subscribers)
                 pipe.xrange(conv_events_key(conv.cid), min=entry_id(after + 1), max="+", count=RESYNC_PAGE)
             for conv, entries in zip(chunk, pipe.execute()):
-                items = self._frames(entries)
+                items = entry_frames(entries)
                 if items and conv.subscribers:
                     reached, events = self._dispatch(conv, items)
                     metrics.delivered_live(reached * events)
@@ -376,6 +366,8 @@ class Hub:
             gevent.sleep(CHECK_INTERVAL)
             checks += 1
             self._drop_unstarted()
+            if self.stall_seconds:  # a stuck write makes no event come, no ping go: only this check sees it
+                end_stalled([s for c in self.conversations.values() for s in c.subscribers], self.stall_seconds)
             try:
                 self._check_once(conversations=checks % CONVERSATION_CHECK_EVERY == 0)
                 if self.stream_cap and time.monotonic() - last_lease_refresh >= self.lease_ttl / 3:

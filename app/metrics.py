@@ -231,7 +231,7 @@ def metrics() -> Response:
 # Every reason a stream ends with (app/stream.py, app/hub.py, app/subscriber.py): a labelled
 # series only exists from its first count, so rate() would miss the first end of each reason.
 STREAM_END_REASONS = ("closed", "deleted", "disconnected", "error", "overflow", "redis_unavailable", "revoked",
-                      "shutdown")
+                      "shutdown", "stalled")
 
 
 def warm_up() -> None:

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 CATCH_UP_PAGE = 500
 DRAIN_BYTES = 65536
+# The most one yield hands gunicorn to send: its write finishing is the stream's progress (see
+# `pieces`), so a client taking less than this in SSE_STALL_SECONDS counts as stalled.
+WRITE_PIECE = 65536
 
 
 def client_gone(sock: socket.socket) -> bool:
@@ -50,6 +53,18 @@ def client_gone(sock: socket.socket) -> bool:
         return True
     finally:
         sock.settimeout(timeout)
+
+
+def pieces(sub: Subscriber, data: bytes) -> Iterator[bytes]:
+    """`data` in pieces for gunicorn to send, the stream stamped as waiting on its client while each goes out.
+
+    gunicorn resumes the generator only once it has sent what it yielded: the stamp is cleared
+    then, and a piece still going out after SSE_STALL_SECONDS gets the stream ended (hub's check).
+    """
+    for start in range(0, len(data), WRITE_PIECE):
+        sub.stalled_since = time.monotonic()
+        yield data[start:start + WRITE_PIECE]  # the whole of a short one: the same object, no copy
+        sub.stalled_since = 0.0
 
 
 def page_frames(after: int, page: list[tuple[int, bytes]]) -> bytes:
@@ -204,7 +219,7 @@ def flush(store: Store, sub: Subscriber) -> None:
         sub.outbuf = b""
         if not data:
             break
-        sub.sock.sendall(data)
+        sub.send(data)
         sub.last_write = time.monotonic()
     sub.busy = False
 
@@ -226,13 +241,13 @@ def follow_direct(store: Store, sub: Subscriber, heartbeat: float) -> None:
             if reason in ("deleted", "shutdown"):
                 flush(store, sub)
             elif reason != "disconnected" and sub.outbuf:
-                sub.sock.sendall(sub.outbuf)
+                sub.send(sub.outbuf)
             return
         if sub.busy or sub.pending:
             flush(store, sub)
         elif not woken and time.monotonic() - sub.last_write >= heartbeat:
             sub.busy = True
-            sub.sock.sendall(PING_CHUNK)
+            sub.send(PING_CHUNK)
             sub.last_write = time.monotonic()
             flush(store, sub)
 
@@ -258,15 +273,14 @@ def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: f
     metrics.OPEN_STREAMS.inc()
     try:
         hub.started(sub)
-        yield opening
+        yield from pieces(sub, opening)
         if not caught_up:
-            yield from opening_catch_up(store, sub)
+            for frames in opening_catch_up(store, sub):
+                yield from pieces(sub, frames)
         if sub.fd is not None:
             # What arrived during the catch-up goes out through gunicorn; then the hub writes.
             while sub.pending and sub.end_reason is None:
-                data = live_frames(store, sub)
-                if data:
-                    yield data
+                yield from pieces(sub, live_frames(store, sub))
             if sub.end_reason is None:
                 follow_direct(store, sub, heartbeat)
             return
@@ -275,13 +289,11 @@ def stream(hub: Hub, store: Store, sub: Subscriber, opening: bytes, heartbeat: f
             if sub.end_reason is not None:
                 # What is already queued still goes out before a deletion/shutdown ends the stream.
                 if sub.end_reason in ("deleted", "shutdown"):
-                    tail = live_frames(store, sub)
-                    if tail:
-                        yield tail
+                    yield from pieces(sub, live_frames(store, sub))
                 return
             data = live_frames(store, sub) if woken else b""
             if data or not woken:
-                yield data or PING
+                yield from pieces(sub, data or PING)
     except redis.RedisError as err:
         unavailable = redis_unavailable(err)
         metrics.redis_error(err, "stream")

@@ -3,18 +3,23 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
 
 from . import metrics, sse
+from .keys import event_id_of
 
 if TYPE_CHECKING:
     from .replies import Delta
 
 OVERFLOW_GRACE = 5.0  # after an overflow, a stream still blocked in a write this long is cut off
+TCP_INFO_SIZE = 136
+TCP_INFO_BYTES_ACKED = struct.Struct("=Q")  # tcpi_bytes_acked, at offset 120 of struct tcp_info (Linux 4.1+)
 
 
 class Batch:
@@ -37,7 +42,7 @@ class Subscriber:
         "conversation_id", "user_id", "key_id", "connection_id", "last_sent", "pending",
         "pending_events", "wake", "end_reason", "readable", "sock", "watcher", "done", "fd", "direct", "busy",
         "outbuf", "last_write", "reply_cause", "reply_chars", "reply_at", "request_id", "opened", "first_id",
-        "__weakref__",
+        "stalled_since", "acked", "acked_at", "__weakref__",
     )
 
     def __init__(self, conversation_id: str, user_id: str, key_id: str, connection_id: str, last_sent: int,
@@ -63,6 +68,13 @@ class Subscriber:
         self.busy = False  # the stream's greenlet owns the socket (a write would block)
         self.outbuf = b""  # the unwritten rest of a direct write; the greenlet sends it
         self.last_write = 0.0  # monotonic time of the last write to the socket (pings wait for silence)
+        # Monotonic time since which a write has waited on the client with no byte taken; 0: none waits.
+        # Stamped by whoever writes (the generator around each piece gunicorn sends, the greenlet per
+        # send, the hub when a direct write is left half done); the hub's check ends a stream stuck too long.
+        self.stalled_since = 0.0
+        # The client's progress inside a wait, as the hub's check last saw it (TCP's bytes acked, and when they grew).
+        self.acked: int | None = None
+        self.acked_at = 0.0
         # The reply (live deltas) it shows: its cause, the characters sent, and last_sent then (replies.py).
         self.reply_cause: int | None = None
         self.reply_chars = 0
@@ -120,10 +132,19 @@ class Subscriber:
             return False
         self.last_write = time.monotonic()
         if written < len(data):
+            self.stalled_since = self.last_write  # the stream's greenlet sends the rest, stamping as it goes
             self.outbuf = data[written:]
             self.busy = True
             self.wake.set()
         return True
+
+    def send(self, data: bytes) -> None:
+        """Send all of `data` from the stream's greenlet, stamping `stalled_since` anew whenever bytes go out."""
+        view = memoryview(data)
+        while view:
+            self.stalled_since = time.monotonic()
+            view = view[self.sock.send(view):]  # waits until the socket takes some bytes
+        self.stalled_since = 0.0
 
     def _abort(self) -> None:
         if not self.done and self.sock is not None:
@@ -168,3 +189,48 @@ class Subscriber:
             self.watcher.stop()
             self.watcher.close()
             self.watcher = None
+
+
+def bytes_acked(sock: socket.socket | None) -> int | None:
+    """The bytes the client's TCP has acknowledged on `sock` (Linux's TCP_INFO), None if not a TCP socket."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+    except (OSError, AttributeError):  # a Unix socket (behind a proxy), or none
+        return None
+    return TCP_INFO_BYTES_ACKED.unpack_from(info, 120)[0] if len(info) >= 128 else None
+
+
+def end_stalled(subscribers: Iterable[Subscriber], limit: float) -> int:
+    """End (and cut off) every stream whose write has waited `limit` seconds on a client taking nothing; how many.
+
+    Whole writes are what the writers see (a piece gunicorn sends, a send once the socket has room
+    again: a third of a send buffer of up to MBs): a slow client may take longer than `limit` for
+    one. So a wait past half the limit is looked at once a check, one getsockopt: a TCP client whose
+    acknowledged bytes grew within the last half limit is slow, not stalled.
+    """
+    now = time.monotonic()
+    ended = 0
+    for sub in subscribers:
+        since = sub.stalled_since
+        if not since or now - since < limit / 2 or sub.done:
+            continue
+        acked = bytes_acked(sub.sock)
+        if acked is not None and acked != sub.acked:
+            sub.acked, sub.acked_at = acked, now
+        if now - since >= limit and (acked is None or now - sub.acked_at >= limit / 2):
+            sub.end("stalled")  # the first reason wins: one ending already (overflow, deleted) keeps its own
+            sub._abort()  # the blocked write fails (EPIPE): the stream ends through its usual path
+            sub.stalled_since = 0.0
+            ended += 1
+    return ended
+
+
+def entry_frames(entries: list) -> list[tuple[int, bytes]]:
+    """(id, frame) of stored stream entries (XRANGE's); an entry not written by us is skipped, not fatal."""
+    items = []
+    for eid, fields in entries:
+        data = fields.get(b"e")
+        if data is not None:
+            event_id = event_id_of(eid)
+            items.append((event_id, sse.event_frame(event_id, data)))
+    return items

@@ -1,4 +1,4 @@
-"""Faults shaped like load (issue 11): a client that stops reading, and 2,000 connections dropped abruptly.
+"""Faults shaped like load (issue 11): clients that stop reading or read slowly, 2,000 connections dropped abruptly.
 
 The worker is measured from outside: its RSS and open file descriptors (psutil), its greenlets
 (the `openhands_greenlets` gauge of /metrics), its Redis connections (CLIENT LIST, by name).
@@ -146,6 +146,95 @@ def test_a_reader_stalled_in_its_catch_up_is_ended_quietly(start_server, make_ke
         wait_until(lambda: open_streams(server.base) == 0, 20, what="the stalled stream ended")
         ends = scrape(server.base + "/metrics")
         assert value(ends, "openhands_stream_ends_total", reason="overflow") == 1
+        assert "Traceback" not in server.log() and "Socket error" not in server.log()
+    finally:
+        stalled.close()
+
+
+class SlowReader(threading.Thread):
+    """A client that asks for a stream and reads it slowly: at most 32 KiB every 0.1 s, through a 32 KiB buffer."""
+
+    def __init__(self, port: int, path: str, key: str, last: int):
+        super().__init__(daemon=True)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                          f"Last-Event-ID: {last}\r\n\r\n".encode())
+        self.received = 0
+        self.ended: BaseException | str | None = None  # why it stopped getting bytes (the server's end: "eof")
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stopped.wait(0.1):
+                data = self.sock.recv(32768)
+                if not data:
+                    self.ended = "eof"
+                    return
+                self.received += len(data)
+        except OSError as err:
+            self.ended = err
+
+    def close(self) -> None:
+        """Stop reading and hang up."""
+        self.stopped.set()
+        self.join(15)
+        self.sock.close()
+
+
+def stream_ends(base: str, reason: str) -> float:
+    """Streams ended so far for `reason`, over every worker (/metrics)."""
+    return value(scrape(base + "/metrics"), "openhands_stream_ends_total", reason=reason)
+
+
+@pytest.mark.timeout(90)
+def test_a_stalled_stream_on_a_quiet_conversation_is_ended_and_a_slow_reader_is_not(start_server, make_key):
+    # Nothing new is posted once the two streams are open: no overflow can end the stalled one.
+    stall = 2.0
+    server = start_server(SSE_QUEUE_MAX="5", SSE_STALL_SECONDS=str(stall))
+    api = Api(server.base, make_key("alice"))
+    cid = api.create()
+    Poster(api, cid, 60, 0, size=100_000).run()  # a 6 MB catch-up, more than the socket buffers take
+    stalled = stalled_reader(server.port, SSE.format(cid), api.key, -1)
+    slow = SlowReader(server.port, SSE.format(cid), api.key, -1)
+    slow.start()
+    try:
+        opened = time.monotonic()
+        wait_until(lambda: open_streams(server.base) == 2, 10, what="both streams")
+        wait_until(lambda: open_streams(server.base) == 1, 10, what="the stalled stream ended")
+        ended_after = time.monotonic() - opened
+        assert stream_ends(server.base, "stalled") == 1 and stream_ends(server.base, "overflow") == 0
+        # The slow reader, blocked behind its socket too, takes bytes every 0.1 s: it stays for 3 stalls more.
+        held_at = slow.received
+        wait_until(lambda: time.monotonic() - opened > 4 * stall and slow.received > held_at, 20,
+                   what="the slow reader reading on")
+        assert slow.ended is None and slow.is_alive(), slow.ended
+        assert open_streams(server.base) == 1 and 0 < slow.received < 6_000_000  # still behind: still blocked
+        print(f"stalled stream ended {ended_after:.1f} s after it opened (SSE_STALL_SECONDS={stall:g}); the slow "
+              f"reader read {slow.received / MB:.1f} MB in {time.monotonic() - opened:.1f} s and stayed")
+    finally:
+        slow.close()
+        stalled.close()
+    wait_until(lambda: open_streams(server.base) == 0, 10, what="the slow reader's stream ended")
+    assert "reason=stalled" in server.log()  # the stream's end line says why
+    assert "Traceback" not in server.log() and "Socket error" not in server.log()
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_stalled_in_its_live_phase_is_ended_without_an_overflow(start_server, make_key):
+    # The hub writes live events to the socket itself; what does not fit waits in the stream's
+    # buffer, which its greenlet sends: far fewer events than SSE_QUEUE_MAX, so no overflow.
+    server = start_server(SSE_QUEUE_MAX="1000", SSE_STALL_SECONDS="2")
+    api = Api(server.base, make_key("alice"))
+    cid = api.create()
+    stalled = stalled_reader(server.port, SSE.format(cid), api.key, -1)  # nothing stored: live at once
+    try:
+        wait_until(lambda: open_streams(server.base) == 1, 10, what="the stalled reader's stream")
+        Poster(api, cid, 30, 0, size=200_000).run()  # 6 MB live, then the conversation is quiet
+        wait_until(lambda: open_streams(server.base) == 0, 10, what="the stalled stream ended")
+        assert stream_ends(server.base, "stalled") == 1 and stream_ends(server.base, "overflow") == 0
         assert "Traceback" not in server.log() and "Socket error" not in server.log()
     finally:
         stalled.close()

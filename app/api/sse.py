@@ -51,6 +51,7 @@ def get_hub() -> Hub:
                     stream_cap=app.config["SSE_MAX_STREAMS_PER_USER"],
                     lease_ttl=app.config["SSE_LEASE_SECONDS"],
                     coalesce=app.config["SSE_COALESCE_MS"] / 1000,
+                    stall_seconds=app.config["SSE_STALL_SECONDS"],
                 )
     return hub
 
