@@ -177,6 +177,12 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         "", _token, "GET /metrics answers loopback callers only; set, also callers sending 'Authorization: Bearer "
         "<token>' (16+ characters; never logged)",
     ),
+    "GREENLET_COUNT_SECONDS": (
+        "60", _int(0, 86_400), "how often a gunicorn worker counts its greenlets for openhands_greenlets: a walk "
+        "over every object Python's collector tracks, which pauses the worker about 100 ms per million (a worker "
+        "holding 20,000 streams tracks about 1.5 million); a scrape answers with the last count. 0: counted at "
+        "each scrape a worker answers, never in between",
+    ),
     "AGENT": (
         "auto", _str, "the agent that answers: echo, readme, llm, auto (readme for conversations with a repository, "
         "echo for the others) or module:Class",

@@ -66,11 +66,11 @@ REQUEST_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS)
 AGENT_ACTIONS = Counter("openhands_agent_actions", "user messages an agent worker answered, by agent and outcome",
                         ["agent", "outcome"])
-# Set from a count made in the worker (at each scrape it answers, and every GREENLETS_REFRESH_SECONDS):
-# a greenlet left behind by a dropped connection shows as growth here. One series per live worker pid.
+# Set from a count made in the worker every GREENLET_COUNT_SECONDS (or, with 0, at each scrape it
+# answers): a greenlet left behind by a dropped connection shows as growth here. One series per live worker pid.
 GREENLETS = Gauge("openhands_greenlets", "greenlets alive in the worker (spawned or running, not finished)",
                   multiprocess_mode="liveall")
-GREENLETS_REFRESH_SECONDS = 10.0
+_greenlets_counted_at_scrape = [True]
 AGENT_SECONDS = Histogram("openhands_agent_action_duration_seconds", "time an agent worker took to answer a message",
                           ["agent"], buckets=AGENT_BUCKETS)
 
@@ -135,7 +135,7 @@ def count_greenlets() -> int:
     worker freezes what it holds at start-up (gunicorn.conf.py tune_gc): the few greenlets made
     before (the main one, gevent's hub, the exit watch, the refresher below) are not seen, every
     one made since is: what grows with connections and streams. The walk is O(objects), about
-    60 ms for 500k, so it runs only at a scrape and every GREENLETS_REFRESH_SECONDS.
+    60 ms for 500k, so it runs only every GREENLET_COUNT_SECONDS (or at a scrape, with 0).
     """
     try:
         from greenlet import greenlet
@@ -152,23 +152,27 @@ def refresh_greenlets() -> None:
     GREENLETS.set(count_greenlets())
 
 
-def _refresh_greenlets_forever() -> None:
+def _refresh_greenlets_forever(seconds: int) -> None:
     import gevent
 
     while True:
+        gevent.sleep(seconds)
         try:
             refresh_greenlets()
         except Exception:  # noqa: BLE001 - a gauge must never take the worker down
             log.exception("counting greenlets failed")
-        gevent.sleep(GREENLETS_REFRESH_SECONDS)
 
 
-def start_greenlet_gauge() -> None:
-    """In a gunicorn gevent worker (multiprocess): keep the gauge fresh, so a scrape of another worker shows it."""
+def start_greenlet_gauge(seconds: int) -> None:
+    """Count now, then every `seconds` in a gunicorn gevent worker (multiprocess); 0: at each scrape instead."""
     import gevent.monkey
 
-    if MULTIPROCESS and gevent.monkey.is_module_patched("socket"):
-        gevent.spawn(_refresh_greenlets_forever)
+    # The walk pauses the whole worker (every stream): a scrape, which anyone allowed may send
+    # at any rate, must not cause it, so with a period set a scrape answers with the last count.
+    _greenlets_counted_at_scrape[0] = seconds == 0
+    refresh_greenlets()
+    if seconds and MULTIPROCESS and gevent.monkey.is_module_patched("socket"):
+        gevent.spawn(_refresh_greenlets_forever, seconds)
 
 
 def is_loopback(address: str | None) -> bool:
@@ -205,7 +209,8 @@ def peer_address() -> str | None:
 
 def render() -> tuple[bytes, str]:
     """The text exposition of every process's metrics (all workers' in multiprocess mode)."""
-    refresh_greenlets()  # this worker's count is as of now; the others' as of their last refresh
+    if _greenlets_counted_at_scrape[0]:
+        refresh_greenlets()  # this worker's count is as of now; the others' as of their last scrape
     if MULTIPROCESS:
         from prometheus_client import multiprocess
 
@@ -243,7 +248,7 @@ def warm_up() -> None:
 def init_app(app: Flask) -> None:
     """Add GET /metrics."""
     warm_up()
-    start_greenlet_gauge()
+    start_greenlet_gauge(app.config["GREENLET_COUNT_SECONDS"])
     app.register_blueprint(bp)
 
 

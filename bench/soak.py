@@ -59,7 +59,8 @@ class SoakServer(Server):
     def command(self) -> tuple[list[str], dict, Path]:
         cmd, env, cwd = super().command()
         env.pop("SSE_MAX_STREAMS_PER_USER", None)  # its default, 100
-        env.update(WEB_CONCURRENCY=str(self.workers), POST_RATE_LIMIT="0", STREAM_RATE_LIMIT="0")
+        env.update(WEB_CONCURRENCY=str(self.workers), POST_RATE_LIMIT="0", STREAM_RATE_LIMIT="0",
+                   GREENLET_COUNT_SECONDS="10")  # every worker's gauge fresh, whichever one a sample reaches
         return cmd, env, cwd
 
 

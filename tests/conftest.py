@@ -38,6 +38,8 @@ if os.environ.get("CI") and os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci":
 # turns them on for its own.
 os.environ["POST_RATE_LIMIT"] = "0"
 os.environ["STREAM_RATE_LIMIT"] = "0"
+# Tests that read openhands_greenlets want the count as of their scrape, not of the last periodic one.
+os.environ.setdefault("GREENLET_COUNT_SECONDS", "0")
 
 
 @pytest.fixture(autouse=True)
