@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from app.keys import user_streams_key
+from app.subscriber import Subscriber, bytes_acked, end_stalled
 
 from .conftest import Api, bearer
 from .fault_clients import SSE, Follower, Poster, open_streams, worker_pid
@@ -238,6 +239,30 @@ def test_a_stream_stalled_in_its_live_phase_is_ended_without_an_overflow(start_s
         assert "Traceback" not in server.log() and "Socket error" not in server.log()
     finally:
         stalled.close()
+
+
+def test_end_stalled_cuts_a_waiting_write_only_when_its_client_takes_nothing():
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    conn, _ = listener.accept()
+    unix = socket.socketpair()
+    try:
+        tcp, local = Subscriber("c", "u", "k", "", -1, conn), Subscriber("c", "u", "k", "", -1, unix[0])
+        assert end_stalled([tcp, local], 2) == 0  # no write waits
+        tcp.stalled_since = local.stalled_since = time.monotonic() - 1.5  # half the limit: looked at, not cut
+        assert end_stalled([tcp, local], 2) == 0
+        conn.sendall(b"x" * 1000)
+        wait_until(lambda: bytes_acked(conn) >= tcp.acked + 1000, 5, what="the bytes acknowledged")
+        tcp.stalled_since = local.stalled_since = time.monotonic() - 5
+        assert end_stalled([tcp, local], 2) == 1  # the TCP client took bytes since: slow, not stalled
+        assert tcp.end_reason is None and local.end_reason == "stalled"  # a Unix socket tells no progress
+        tcp.acked_at -= 1.0  # then nothing acknowledged for half the limit
+        assert end_stalled([tcp], 2) == 1 and tcp.end_reason == "stalled"
+        client.settimeout(5)
+        assert client.recv(2000) == b"x" * 1000 and client.recv(10) == b""  # cut off: the OS socket shut down
+    finally:
+        for sock in (listener, client, conn, *unix):
+            sock.close()
 
 
 # Connections opened and dropped ---------------------------------------------------------------
