@@ -124,11 +124,6 @@ class Store:
         self._delete = client.register_script(DELETE_LUA)
         self._acquire_stream = client.register_script(ACQUIRE_STREAM_LUA)
         self._renew_streams = client.register_script(RENEW_STREAMS_LUA)
-        # KEYS: meta, events; ARGV: owner, first entry id, count. The events, or nil when not the owner's.
-        self._list_events = client.register_script(
-            "local m = redis.call('HMGET', KEYS[1], 'owner', 'pending') "
-            "if m[1] ~= ARGV[1] or m[2] then return false end return redis.call('XRANGE', KEYS[2], ARGV[2], '+', "
-            "'COUNT', ARGV[3])")
 
     @property
     def publish(self) -> str:
@@ -351,18 +346,17 @@ class Store:
         return int(result[0]), False
 
     def list_events(self, owner: str, cid: str, start_id: int, limit: int) -> tuple[list[bytes], bool]:
-        """Stored event JSON from `start_id` on (at most `limit`) and whether more follow."""
-        _require_id(cid)
-        # Past the largest possible id there is nothing (and Redis would refuse the entry id). The
-        # events are read only for their owner: another user's id costs what a missing one does.
-        entries = self._list_events(keys=[conv_meta_key(cid), conv_events_key(cid)],
-                                    args=[owner, entry_id(min(start_id, MAX_EVENT_ID)), limit + 1])
-        if entries is None:
+        """Stored event JSON from `start_id` on (at most `limit`) and whether more follow; NotFound if not `owner`'s."""
+        if self.conversation_owner(cid) != owner:
             raise NotFound("no such conversation")
-        if start_id > MAX_EVENT_ID:
+        return self.events_page(cid, start_id, limit)
+
+    def events_page(self, cid: str, start_id: int, limit: int) -> tuple[list[bytes], bool]:
+        """Stored event JSON from `start_id` on (at most `limit`), whether more follow; the owner is checked already."""
+        if start_id > MAX_EVENT_ID:  # nothing is past the largest possible id (and Redis would refuse the entry id)
             return [], False
-        found = [dict(zip(fields[::2], fields[1::2])) for _eid, fields in entries]
-        return [fields[b"e"] for fields in found[:limit] if b"e" in fields], len(entries) > limit
+        entries = self.redis.xrange(conv_events_key(cid), min=entry_id(start_id), max="+", count=limit + 1)
+        return [fields[b"e"] for _eid, fields in entries[:limit] if b"e" in fields], len(entries) > limit
 
     def read_after(self, cid: str, after_id: int, count: int) -> list[tuple[int, bytes]]:
         """Up to `count` events after `after_id`, as (event id, stored JSON)."""
