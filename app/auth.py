@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from werkzeug.http import dump_cookie
 from . import cors
 from .config import secret_from_file
 from .errors import Forbidden, Unauthorized
-from .keys import COOKIES_REVOKED_AT
+from .keys import COOKIE_GEN
+from .lua import SIGN_OUT_LUA
 from .store import KEY_PREFIX, api_key_key, hash_secret
 
 COOKIE_NAME = "oh_session"
@@ -31,23 +33,23 @@ class Caller:
     user_id: str
     key_id: str
     via: str  # "bearer" or "cookie"
-    cookies_revoked_ms: int = 0  # the key's cookies minted at or before this (unix ms) are revoked
+    cookie_gen: int = 0  # the key's cookie generation when it was read: a cookie minted now carries it
 
 
 class CookieKeyId(str):
-    """A key id proven by a session cookie, carrying the cookie's mint time (unix ms).
+    """A key id proven by a session cookie, carrying the cookie's generation (the key's sign-out count then).
 
     It is the caller's `key_id` and so the stream's (`Subscriber.key_id`): the hub's check ends a
-    cookie stream once its key's cookies are revoked after that mint time (sign-out), and leaves the
-    key's Bearer streams, whose key id is a plain str, alone.
+    cookie stream once its key's generation is another (a sign-out), and leaves the key's Bearer
+    streams, whose key id is a plain str, alone.
     """
 
-    cookie_minted_ms: int
+    cookie_gen: int
 
-    def __new__(cls, key_id: str, minted_ms: int) -> CookieKeyId:
-        """The key id `key_id`, of a cookie minted at `minted_ms`."""
+    def __new__(cls, key_id: str, gen: int) -> CookieKeyId:
+        """The key id `key_id`, of a cookie of generation `gen`."""
         self = super().__new__(cls, key_id)
-        self.cookie_minted_ms = minted_ms
+        self.cookie_gen = gen
         return self
 
 
@@ -77,7 +79,7 @@ class Presented:
     key_id: str
     via: str  # "bearer" or "cookie"
     key: str  # the Bearer key itself (its hash is compared), "" for a cookie
-    minted_ms: int = 0  # a cookie's mint time (unix ms)
+    cookie_gen: int = 0  # a cookie's generation (valid while it is the key's)
 
 
 def presented() -> Presented | None:
@@ -92,33 +94,45 @@ def presented() -> Presented | None:
     return Presented(found[0], "cookie", "", found[1]) if found else None
 
 
+# A cookie's signed payload: `<key id>:g<generation>`, or (first release) `<key id>` alone, which is
+# generation 0: valid until the key's first sign-out. The `<key id>:<unix ms>` of an unreleased build
+# (sign-out by mint time) matches neither and is refused: its number is no generation.
+_COOKIE_PAYLOAD = re.compile(rf"([0-9a-f]{{{KEY_ID_LEN}}})(?::g([0-9]{{1,15}}))?")
+
+
+def cookie_payload(key_id: str, gen: int) -> str:
+    """What the session cookie of key `key_id` signs, at the key's cookie generation `gen`."""
+    return f"{key_id}:g{gen}"
+
+
 def cookie_key_id(values: list[str]) -> tuple[str, int] | None:
-    """The key id and mint time (unix ms) of the newest validly signed session cookie sent; None if none is.
+    """The key id and generation of the newest validly signed session cookie sent; None if none is.
 
     A browser sends every cookie of that name that matches the path, longest path first, so a
     page of another origin of the same site (a sibling subdomain, another port) can plant one
     beside ours: a garbage one is skipped rather than locking the user out, and of two good ones
     the newest signed wins (a fresh sign-in beats a planted cookie).
     """
-    best: tuple[int, str] | None = None
+    best: tuple[float, int, str] | None = None
     max_age = current_app.config["SESSION_MAX_AGE_SECONDS"]
     for value in values[:8]:  # a request carrying more is not a browser's doing; 8 bounds the work
         try:
             payload, signed_at = _signer().unsign(value, max_age=max_age, return_timestamp=True)
         except BadSignature:
             continue
-        # `<key id>:<mint ms>`; a cookie from before mint times were carried is `<key id>`, minted
-        # within the second it was signed in (so a sign-out after that second revokes it).
-        key_id, _, minted = payload.decode().partition(":")
-        stamp = int(minted) if minted.isdigit() and len(minted) <= 15 else int(signed_at.timestamp()) * 1000
-        if key_id and (best is None or stamp > best[0]):
-            best = (stamp, key_id)
-    return (best[1], best[0]) if best else None
+        shape = _COOKIE_PAYLOAD.fullmatch(payload.decode(errors="replace"))
+        if shape is None:
+            continue
+        # Newest signed first; of one second's, the later generation (a sign-in after a sign-out).
+        found = (signed_at.timestamp(), int(shape.group(2) or 0), shape.group(1))
+        if best is None or found[:2] > best[:2]:
+            best = found
+    return (best[2], best[1]) if best else None
 
 
-def cookies_revoked_ms(record: dict[str, str]) -> int:
-    """Up to when (unix ms) the key's cookies are revoked (signed out); 0: none is."""
-    value = record.get(COOKIES_REVOKED_AT, "")
+def cookie_gen(record: dict[str, str]) -> int:
+    """The key's cookie generation: how many times it signed out (absent: 0); only its cookies of it are valid."""
+    value = record.get(COOKIE_GEN, "")
     return int(value) if value.isdigit() else 0
 
 
@@ -129,33 +143,25 @@ def verify(creds: Presented | None, record: dict[str, str] | None) -> Caller:
     # Compared in constant time even though the record was found by the key id.
     if creds.via == "bearer" and not hmac.compare_digest(record.get("hash", ""), hash_secret(creds.key)):
         raise Unauthorized("missing or invalid credentials")
-    revoked_ms = cookies_revoked_ms(record)
+    gen = cookie_gen(record)
     if creds.via == "cookie":
-        if creds.minted_ms <= revoked_ms:  # minted before the key signed out (DELETE /api/session)
+        if creds.cookie_gen != gen:  # of a generation the key has signed out of (DELETE /api/session)
             raise Unauthorized("missing or invalid credentials")
         if request.method not in SAFE_METHODS:
             refuse_cross_origin()
-        return Caller(record["user_id"], CookieKeyId(creds.key_id, creds.minted_ms), creds.via, revoked_ms)
-    return Caller(record["user_id"], creds.key_id, creds.via, revoked_ms)
+        return Caller(record["user_id"], CookieKeyId(creds.key_id, gen), creds.via, gen)
+    return Caller(record["user_id"], creds.key_id, creds.via, gen)
 
 
-# Sets the key's cookies_revoked_at to the time given unless it is already later (two sign-outs on
-# hosts whose clocks differ never move it back), and only on a key that exists (never a stub hash).
-REVOKE_COOKIES_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
-if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-return 1
-"""
+def revoke_cookies(key_id: str) -> bool:
+    """Revoke every session cookie the key minted so far, on every browser (a new generation); False: no such key.
 
-
-def revoke_cookies(key_id: str, at_ms: int | None = None) -> bool:
-    """Revoke every session cookie the key minted up to `at_ms` (default now) on every browser; False: no such key.
-
-    One idempotent write of a value computed once: a retry after a lost reply does the same.
+    No clock is read: a cookie is valid only while its generation is the key's, whichever host
+    minted it or signs out. Not idempotent, and need not be: the pool never re-sends a command
+    whose reply was lost, and a second increment only revokes more (the cookies of the generation
+    between), never less, so a retry by hand (the CLI's advice) is safe.
     """
-    at_ms = int(time.time() * 1000) if at_ms is None else at_ms
-    return bool(current_app.extensions["revoke_cookies"](keys=[api_key_key(key_id)], args=[COOKIES_REVOKED_AT, at_ms]))
+    return bool(current_app.extensions["revoke_cookies"](keys=[api_key_key(key_id)], args=[COOKIE_GEN]))
 
 
 def refuse_cross_origin() -> None:
@@ -238,7 +244,7 @@ def init_app(app: Flask) -> None:
     # has stored something (and the signer derives its key from the secret only once).
     secret = app.config["SECRET_KEY"] or secret_from_file(Path(app.config["SECRET_KEY_FILE"]))
     app.extensions["session_signer"] = TimestampSigner(secret, salt="oh-session")
-    app.extensions["revoke_cookies"] = app.extensions["store"].redis.register_script(REVOKE_COOKIES_LUA)
+    app.extensions["revoke_cookies"] = app.extensions["store"].redis.register_script(SIGN_OUT_LUA)
 
     @app.before_request
     def _require_caller() -> None:
@@ -250,36 +256,34 @@ def init_app(app: Flask) -> None:
                 and not cors.allowed_preflight():  # a browser never sends credentials with a preflight
             current_caller()
 
-    # The Set-Cookie line depends only on the key, the scheme and the current second (the
-    # signature's timestamp, the Expires date): made once per second for each, not per answer.
-    # Each line is kept with its mint time (ms): one minted before the key's last sign-out is made anew.
-    cookies: dict[tuple[str, bool], tuple[str, int]] = {}
+    # The Set-Cookie line depends only on the key, its cookie generation (as this request read it),
+    # the scheme and the current second (the signature's timestamp, the Expires date): made once per
+    # second for each, not per answer. A sign-out changes the generation, so its line is made anew.
+    cookies: dict[tuple[str, int, bool], str] = {}
     cookies_second = [0]
 
-    def cookie_line(key_id: str, secure: bool, revoked_ms: int) -> str:
-        now_ms = int(time.time() * 1000)
-        if now_ms // 1000 != cookies_second[0]:
-            cookies.clear()  # only this second's lines are kept: at most one per key in use
-            cookies_second[0] = now_ms // 1000
-        cached = cookies.get((key_id, secure))
-        if cached is None or cached[1] <= revoked_ms:
-            # Minted after the sign-out this request's record shows, even if that host's clock is ahead of ours.
-            minted_ms = max(now_ms, revoked_ms + 1)
-            cached = cookies[(key_id, secure)] = (dump_cookie(
+    def cookie_line(key_id: str, gen: int, secure: bool) -> str:
+        now = int(time.time())
+        if now != cookies_second[0]:
+            cookies.clear()  # only this second's lines are kept: at most a few per key in use
+            cookies_second[0] = now
+        line = cookies.get((key_id, gen, secure))
+        if line is None:
+            line = cookies[(key_id, gen, secure)] = dump_cookie(
                 COOKIE_NAME,
-                _signer().sign(f"{key_id}:{minted_ms}").decode(),
+                _signer().sign(cookie_payload(key_id, gen)).decode(),
                 max_age=app.config["SESSION_MAX_AGE_SECONDS"],
                 path="/",
                 httponly=True,
                 samesite="Lax",
                 secure=secure,
                 max_size=app.config["MAX_COOKIE_SIZE"],
-            ), minted_ms)
-        return cached[0]
+            )
+        return line
 
     @app.after_request
     def _session_cookie(response: Response) -> Response:
         caller = g.get("caller")
         if caller is not None and caller.via == "bearer" and 200 <= response.status_code < 300:
-            response.headers.add("Set-Cookie", cookie_line(caller.key_id, request.is_secure, caller.cookies_revoked_ms))
+            response.headers.add("Set-Cookie", cookie_line(caller.key_id, caller.cookie_gen, request.is_secure))
         return response

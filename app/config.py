@@ -137,8 +137,11 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         "600", _int(0, 1_000_000), "posts (new conversations and events) per API key per minute, across workers "
         "and hosts, in bursts of up to as many; 429 rate_limited beyond; 0: no limit",
     ),
+    # 300: over twice SSE_MAX_STREAMS_PER_USER's 100, with margin, so a user holding the full cap on
+    # one key can reopen every stream twice in a minute (a deploy, then a proxy's idle timeout):
+    # a 429 ends a browser's EventSource for good.
     "STREAM_RATE_LIMIT": (
-        "120", _int(0, 1_000_000), "stream opens per API key per minute, across workers and hosts, in bursts of up "
+        "300", _int(0, 1_000_000), "stream opens per API key per minute, across workers and hosts, in bursts of up "
         "to as many; 429 rate_limited beyond; 0: no limit",
     ),
     "SSE_LEASE_SECONDS": (

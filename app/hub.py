@@ -23,7 +23,7 @@ from . import metrics, replies, sse
 from .broker import Listener, wait_for
 from .cluster_listener import ClusterListener
 from .errors import redis_unavailable
-from .keys import COOKIES_REVOKED_AT
+from .keys import COOKIE_GEN
 from .redis import is_cluster, make_dedicated_client
 from .store import (
     DELETED_NOTICE,
@@ -391,13 +391,14 @@ class Hub:
         if key_ids:
             pipe = self._control.pipeline(transaction=False)
             for key_id in key_ids:
-                pipe.hmget(api_key_key(key_id), "user_id", "revoked_at", COOKIES_REVOKED_AT)
-            for key_id, (user_id, revoked_at, signed_out) in zip(key_ids, pipe.execute()):
+                pipe.hmget(api_key_key(key_id), "user_id", "revoked_at", COOKIE_GEN)
+            for key_id, (user_id, revoked_at, gen) in zip(key_ids, pipe.execute()):
                 revoked = user_id is None or revoked_at is not None
-                # A sign-out ends the cookie streams whose cookie it revoked (their key id is an auth.CookieKeyId).
-                cutoff = int(signed_out) if signed_out and signed_out.isdigit() else -1
+                # A sign-out (a new cookie generation) ends the cookie streams of an older one (their
+                # key id is an auth.CookieKeyId); the key's Bearer streams (a plain str) have none.
+                current = int(gen) if gen and gen.isdigit() else 0
                 for sub in list(self.by_key.get(key_id, ())):
-                    if revoked or getattr(sub.key_id, "cookie_minted_ms", cutoff + 1) <= cutoff:
+                    if revoked or getattr(sub.key_id, "cookie_gen", current) != current:
                         sub.end("revoked")
         cids = list(self.conversations) if conversations else []
         for start in range(0, len(cids), CHECK_PIPELINE):

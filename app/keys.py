@@ -66,12 +66,13 @@ def user_streams_key(uid: str) -> str:
 
 
 def api_key_key(key_id: str) -> str:
-    """Hash of one API key: user, SHA-256 of the secret, created_at, revoked_at, cookies_revoked_at."""
+    """Hash of one API key: user, SHA-256 of the secret, created_at, revoked_at, cookie_gen."""
     return f"apikey:{{{key_id}}}"
 
 
-# Field of an API key's hash: unix ms up to which the session cookies it minted are revoked (sign-out).
-COOKIES_REVOKED_AT = "cookies_revoked_at"
+# Field of an API key's hash: its cookie generation, raised by each sign-out (absent: 0). A session
+# cookie signs the generation it was minted in and is valid only while that is still the key's.
+COOKIE_GEN = "cookie_gen"
 
 
 def entry_id(event_id: int) -> str:

@@ -149,19 +149,35 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('EXPIREAT', KEYS[1], math.
 return 1
 """
 
+# Sign-out (auth.revoke_cookies). KEYS: the API key's record. ARGV: the cookie generation field.
+# Raises the key's cookie generation, so every cookie minted so far (which signs the one before)
+# is refused; only on a key that exists (never a stub hash). Not idempotent on purpose: a second
+# run (a retry by hand) revokes the cookies minted between the two as well, which is safe.
+SIGN_OUT_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+"""
+
 # A per-key rate limit (ratelimit.py): GCRA, a token bucket kept as one number, the theoretical
 # arrival time (TAT, unix microseconds of Redis' clock) at which the bucket is full again.
 # KEYS: the limit's key, then (optional) the API key's record: with it, nothing is counted unless
-# the record is live (a user, not revoked) and, for a Bearer key (ARGV[3] not ''), its hash is
-# ARGV[3] (credentials a worker will refuse with a 401 must not spend the key's budget). ARGV:
+# the record is live (a user, not revoked), for a Bearer key (ARGV[3] not '') its hash is ARGV[3],
+# and for a session cookie (ARGV[4] not '') its generation is the key's (a signed-out or stolen
+# cookie is a 401: credentials a worker will refuse must not spend the key's budget). ARGV:
 # emission interval (us between requests at the sustained rate), tolerance (interval * (burst - 1)),
-# the presented key's hash. Returns 0 (counted: let it through), the microseconds to wait (refused:
-# nothing written), or -1 (not counted: the credentials are refused). The key expires when the
-# bucket is full again, which is what a missing key means: idle keys vanish.
+# the presented key's hash, the cookie's generation, and '1' when a request Redis cannot count
+# (it refuses writes: out of memory, a read-only replica) may go on uncounted (stream opens, which
+# only read: a 503 would close a browser's EventSource for good), '' when it is refused with that error (a 503).
+# Returns 0 (counted: let it through), the microseconds to wait (refused: nothing written), -1
+# (not counted: the credentials are refused) or -2 (not counted: Redis refuses writes; let it
+# through). The key expires when the bucket is full again, which is what a missing key means:
+# idle keys vanish.
 RATE_LIMIT_LUA = """
 if KEYS[2] then
-  local rec = redis.call('HMGET', KEYS[2], 'user_id', 'revoked_at', 'hash')
+  local rec = redis.call('HMGET', KEYS[2], 'user_id', 'revoked_at', 'hash', 'cookie_gen')
   if not rec[1] or rec[2] or (ARGV[3] ~= '' and rec[3] ~= ARGV[3]) then return -1 end
+  local gen = ARGV[4] or ''
+  if gen ~= '' and (tonumber(rec[4] or '0') or 0) ~= tonumber(gen) then return -1 end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -169,6 +185,17 @@ local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or 0) or 0, now)
 local wait = tat - tonumber(ARGV[2]) - now
 if wait > 0 then return wait end
 tat = tat + tonumber(ARGV[1])
-redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000))
+local set = {'SET', KEYS[1], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000)}
+if ARGV[5] ~= '1' then
+  redis.call(unpack(set))
+  return 0
+end
+local done = redis.pcall(unpack(set))
+if type(done) == 'table' and done.err then
+  -- Redis 6.2 prefixes the error with where the script was ('@user_script: 19: -OOM ...'); 7 does not.
+  local code = string.match((string.gsub(done.err, '^@[%w_]+: ?%d+: ', '')), '^%-?(%u+)')
+  if code == 'OOM' or code == 'READONLY' then return -2 end
+  return redis.error_reply(done.err)
+end
 return 0
 """

@@ -10,7 +10,10 @@ nothing and is answered ``429 rate_limited`` with ``Retry-After`` (whole seconds
 after which the next request passes), before anything is stored.
 
 The script is never re-sent: a second run after a lost reply would count the request twice. Any
-Redis error is the request's 503 (errors.py), as for the lookup of the key that comes with it.
+Redis error is the request's 503 (errors.py), as for the lookup of the key that comes with it, but
+one: a stream open that Redis cannot count because it refuses writes (out of memory, a read-only
+replica) goes on uncounted, as it did before it was limited (it only reads; a 503 would close a
+browser's EventSource for good). A post would fail on its own write anyway: its 503 stays.
 The script goes as EVAL, not EVALSHA: its text is small, and a restarted or failed-over Redis,
 which has no scripts loaded, never makes a pipeline fail on NOSCRIPT.
 """
@@ -34,6 +37,8 @@ KINDS = {
     "stream": ("STREAM_RATE_LIMIT", "stream opens"),
 }
 US = 1_000_000  # microseconds in a second, the script's unit
+# kind -> whether it goes on uncounted when Redis refuses the script's write (OOM, READONLY): the script's ARGV[5].
+UNCOUNTED_WHEN_UNWRITABLE = {"post": "", "stream": "1"}
 # Made at zero at import (in each worker: the app is never preloaded), so rate() sees the first refusal.
 _REFUSED = {kind: metrics.RATE_LIMITED.labels(kind) for kind in KINDS}
 
@@ -77,9 +82,9 @@ class PipelinedCheck:
     """A limit check queued on the pipeline that looks the caller's key up (auth.authenticate_with): no round trip more.
 
     It runs before the credentials are verified, so the script checks them itself (a live record,
-    the Bearer key's hash), and a cookie's write from another origin (auth's 403) is not queued:
-    a request that will be refused spends no one's budget. A cookie minted before its key signed
-    out (a 401 too) does count: it had to be one the server signed.
+    the Bearer key's hash, the cookie's generation), and a cookie's write from another origin
+    (auth's 403) is not queued: a request that will be refused spends no one's budget, so a
+    signed-out (stolen) cookie cannot spend its key's.
     """
 
     def __init__(self, kind: str, wanted: bool = True):
@@ -99,8 +104,9 @@ class PipelinedCheck:
                 return  # auth.verify answers it 403
         per_minute = _per_minute(self.kind)
         digest = hash_secret(creds.key) if creds.via == "bearer" else ""
+        gen = str(creds.cookie_gen) if creds.via == "cookie" else ""
         pipe.eval(RATE_LIMIT_LUA, 2, rate_limit_key(creds.key_id, self.kind), api_key_key(creds.key_id),
-                  interval_us(per_minute), tolerance_us(per_minute), digest)
+                  interval_us(per_minute), tolerance_us(per_minute), digest, gen, UNCOUNTED_WHEN_UNWRITABLE[self.kind])
         self.queued = True
 
     def judge(self, replies: list[Any]) -> None:

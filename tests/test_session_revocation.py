@@ -1,4 +1,8 @@
-"""Sign-out revokes on the server: the cookies the key minted before it are 401 everywhere, their streams end."""
+"""Sign-out revokes on the server: the cookies the key minted before it are 401 everywhere, their streams end.
+
+A cookie signs the key's cookie generation (`cookie_gen` in its record, raised by each sign-out)
+and is valid only while that is still the key's: no clock is compared anywhere.
+"""
 from __future__ import annotations
 
 import time
@@ -6,7 +10,7 @@ import time
 import pytest
 
 from app.auth import COOKIE_NAME, revoke_cookies
-from app.keys import COOKIES_REVOKED_AT, api_key_key
+from app.keys import COOKIE_GEN, api_key_key
 
 from .conftest import Api, assert_error, bearer
 from .sse_client import open_stream
@@ -32,7 +36,7 @@ def test_sign_out_revokes_the_keys_cookies_on_every_browser_and_a_new_sign_in_wo
         assert plain.get("/api/session", headers=cookie).status_code == 200
     out = one.delete("/api/session", headers=laptop)
     assert out.status_code == 200 and "Max-Age=0" in out.headers["Set-Cookie"]
-    assert redis_client.hget(api_key_key(key.split("_")[1]), COOKIES_REVOKED_AT).isdigit()
+    assert redis_client.hget(api_key_key(key.split("_")[1]), COOKIE_GEN) == b"1"
     # Both of alice's cookies are dead wherever they are kept; bob's is not.
     for cookie in (laptop, phone):
         assert_error(plain.get("/api/session", headers=cookie), 401, "unauthorized")
@@ -59,19 +63,40 @@ def test_a_sign_out_from_another_origin_is_refused_and_revokes_nothing(app, key)
     assert client.get("/api/session", headers=cookie).status_code == 200
 
 
-def test_a_clock_behind_the_sign_out_still_mints_a_valid_cookie(app, key, redis_client):
-    """A sign-out written by a host whose clock is ahead: the next cookie is minted after it all the same."""
-    client = app.test_client(use_cookies=False)
-    ahead = int(time.time() * 1000) + 60_000
-    redis_client.hset(api_key_key(key.split("_")[1]), COOKIES_REVOKED_AT, ahead)
-    cookie = {"Cookie": cookie_of(client.post("/api/session", headers=bearer(key)))}
-    assert client.get("/api/session", headers=cookie).status_code == 200
-    # An earlier sign-out (another host, a clock behind) never moves it back.
+def test_signing_out_twice_revokes_the_cookies_of_each_sign_in(app, key, redis_client):
+    """Sign out, sign in again elsewhere with the key, sign out again: the second browser's cookie dies too."""
+    laptop_client, phone_client, plain = (app.test_client(use_cookies=False) for _ in range(3))
+    laptop = {"Cookie": cookie_of(laptop_client.post("/api/session", headers=bearer(key)))}
+    assert laptop_client.delete("/api/session", headers=laptop).status_code == 200
+    # In the same second: the line cached for this second (of the old generation) is not handed out again.
+    phone = {"Cookie": cookie_of(phone_client.post("/api/session", headers=bearer(key)))}
+    assert phone != laptop
+    assert plain.get("/api/session", headers=phone).status_code == 200
+    assert_error(plain.get("/api/session", headers=laptop), 401, "unauthorized")
+    assert phone_client.delete("/api/session", headers=phone).status_code == 200
+    assert_error(plain.get("/api/session", headers=phone), 401, "unauthorized")
+    assert redis_client.hget(api_key_key(key.split("_")[1]), COOKIE_GEN) == b"2"
+    # A sign-out with a cookie already signed out revokes nothing more.
+    assert plain.delete("/api/session", headers=phone).status_code == 200
+    assert redis_client.hget(api_key_key(key.split("_")[1]), COOKIE_GEN) == b"2"
     with app.app_context():
-        assert revoke_cookies(key.split("_")[1], ahead - 30_000)
         assert not revoke_cookies("0123456789abcdef")  # no such key: nothing is written
-    assert int(redis_client.hget(api_key_key(key.split("_")[1]), COOKIES_REVOKED_AT)) == ahead
     assert not redis_client.exists(api_key_key("0123456789abcdef"))
+
+
+@pytest.mark.parametrize("skew", [-86_400, 86_400])
+def test_no_clock_decides_a_sign_out(app, key, monkeypatch, skew):
+    """The signing-out host's clock a day behind or ahead: the cookies minted before it die, the next one works."""
+    client = app.test_client(use_cookies=False)
+    before = {"Cookie": cookie_of(client.post("/api/session", headers=bearer(key)))}
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + skew)
+    with app.app_context():
+        assert revoke_cookies(key.split("_")[1])  # as `flask keys sign-out` on that host
+    monkeypatch.undo()
+    assert_error(client.get("/api/session", headers=before), 401, "unauthorized")
+    after = {"Cookie": cookie_of(client.post("/api/session", headers=bearer(key)))}
+    assert client.get("/api/session", headers=after).status_code == 200
 
 
 @pytest.mark.timeout(60)
@@ -119,11 +144,24 @@ def test_the_cli_signs_a_key_out_of_every_browser(app, key):
     assert client.get("/api/session", headers=bearer(key)).status_code == 200  # the key itself still works
 
 
-def test_a_cookie_minted_before_mint_times_were_carried_is_signed_out_too(app, key):
-    """A cookie of the old shape (the key id alone) counts as minted in the second it was signed."""
+def test_a_cookie_of_the_first_release_shape_is_generation_0_and_signed_out_too(app, key):
+    """A cookie of the old shape (the key id alone) is valid until the key's first sign-out."""
     client = app.test_client(use_cookies=False)
     old = {"Cookie": f"{COOKIE_NAME}={app.extensions['session_signer'].sign(key.split('_')[1]).decode()}"}
     assert client.get("/api/session", headers=old).status_code == 200
     with app.app_context():
-        assert revoke_cookies(key.split("_")[1], int(time.time() * 1000) + 1000)
+        assert revoke_cookies(key.split("_")[1])
     assert_error(client.get("/api/session", headers=old), 401, "unauthorized")
+
+
+def test_a_cookie_signing_a_mint_time_is_refused_not_taken_for_a_generation(app, key, redis_client):
+    """`<key id>:<unix ms>` (an unreleased build's shape) is 401, even once the key has signed out that often."""
+    client = app.test_client(use_cookies=False)
+    signer = app.extensions["session_signer"]
+    stamp = int(time.time() * 1000)
+    redis_client.hset(api_key_key(key.split("_")[1]), COOKIE_GEN, stamp)
+    for payload in (f"{key.split('_')[1]}:{stamp}", f"{key.split('_')[1]}:g{stamp}x", f"{key.split('_')[1]}:g"):
+        assert_error(client.get("/api/session", headers={"Cookie": f"{COOKIE_NAME}={signer.sign(payload).decode()}"}),
+                     401, "unauthorized")
+    fresh = {"Cookie": cookie_of(client.post("/api/session", headers=bearer(key)))}
+    assert client.get("/api/session", headers=fresh).status_code == 200  # the key's own generation: valid

@@ -87,7 +87,7 @@ def test_the_cookie_of_one_second_is_made_per_key_and_scheme(app, make_key):
     for (name, scheme), line in lines.items():
         value, *attributes = [part.strip() for part in line.split(";")]
         key_id = (alice if name == "alice" else bob).split("_")[1]
-        assert signer.unsign(value.split("=", 1)[1]).decode().split(":")[0] == key_id  # <key id>:<mint ms>
+        assert signer.unsign(value.split("=", 1)[1]).decode() == f"{key_id}:g0"  # <key id>:g<generation>
         assert ("Secure" in attributes) == (scheme == "https")
         assert {"HttpOnly", "Path=/", "SameSite=Lax", f"Max-Age={app.config['SESSION_MAX_AGE_SECONDS']}"} \
             <= set(attributes)
