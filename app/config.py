@@ -128,6 +128,10 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
     "REQUEST_BODY_TIMEOUT_SECONDS": (
         "30", _float(0.1), "a request body must arrive whole within this long of the request's head (408 beyond)",
     ),
+    "RESPONSE_WRITE_TIMEOUT_SECONDS": (
+        "30", _float(0), "a client that acknowledges none of a response's waiting bytes for this long is "
+        "disconnected (event streams excepted: SSE_STALL_SECONDS); 0: off",
+    ),
     "EVENT_RETENTION": ("0", _int(0), "events kept per conversation, oldest trimmed first; 0 keeps all"),
     "IDEMPOTENCY_TTL_SECONDS": ("86400", _int(1), "how long an Idempotency-Key is remembered"),
     "SSE_HEARTBEAT_SECONDS": ("15", _float(0.05), "idle time after which a stream sends ': ping'"),

@@ -21,8 +21,17 @@ REQUEST_BODY_TIMEOUT_SECONDS of the head (app/request_bounds.py; a total, so a t
 too). Why a worker subclass and not WSGI middleware: the bound needs gunicorn's request object, to
 mark the connection must-close (`req.force_close()`, the switch gunicorn.conf.py's `pre_request`
 uses too) and its body as failed, and it applies to every WSGI app served this way (the tests'
-too). Only reads are bounded, never the response: an event stream, a long response to a GET with
-no body, is never cut by it.
+too). The body bound applies to reads only: an event stream, a long response to a GET with no
+body, is never cut by it.
+
+- The response: nothing either. gunicorn writes it with a blocking `sendall` and no timeout
+  (http/wsgi.py `Response.write`, util.write), so a client that never reads holds its slot, and
+  the response in memory, forever. Each request here runs under a `WriteStallGuard`
+  (app/request_bounds.py): a client that acknowledges none of the bytes waiting for it for
+  RESPONSE_WRITE_TIMEOUT_SECONDS gets a reset, the write fails with EPIPE (gunicorn logs that at
+  debug), and one WARNING line says whose response was cut. A slow reader that takes any byte
+  meanwhile is never cut. Event streams are not guarded (`EventStreamsUnguarded`): the hub ends
+  a stalled stream itself (SSE_STALL_SECONDS).
 
 This module is imported by the master (gunicorn loads the worker class before forking), so it
 imports only what gunicorn's own gevent worker does; the app's modules come after the worker has
@@ -30,28 +39,128 @@ patched the standard library.
 """
 from __future__ import annotations
 
+import copy
 import re
 import time
 from typing import Any
 
+from gevent.local import local
 from gunicorn.http.body import LengthReader
-from gunicorn.http.errors import InvalidRequestLine
+from gunicorn.http.errors import (
+    ChunkMissingTerminator,
+    ExpectationFailed,
+    InvalidChunkSize,
+    InvalidH2CPreface,
+    InvalidHeader,
+    InvalidHeaderName,
+    InvalidHTTPVersion,
+    InvalidProxyLine,
+    InvalidRequestLine,
+    InvalidRequestMethod,
+    ObsoleteFolding,
+    UnsupportedTransferCoding,
+)
 from gunicorn.workers.ggevent import GeventWorker
+
+# gunicorn's parse errors that carry request bytes (http/errors.py, each one's __str__ shows this
+# attribute), which handle_error logs at WARNING and echoes in its HTML 400: a header line with no
+# colon is logged whole, `Authorization Bearer <key>` too. Exact types: InvalidResponseHeader (an
+# InvalidHeader) is the app's own header, named by gunicorn without its value.
+REQUEST_BYTES_ATTRIBUTE = {
+    InvalidRequestMethod: "method",
+    InvalidHTTPVersion: "version",
+    InvalidHeader: "hdr",
+    InvalidHeaderName: "hdr",
+    ObsoleteFolding: "hdr",
+    ExpectationFailed: "expect",
+    UnsupportedTransferCoding: "hdr",
+    InvalidProxyLine: "line",
+    InvalidChunkSize: "data",
+    ChunkMissingTerminator: "term",
+    InvalidH2CPreface: "data",
+}
+# gunicorn's own texts in an InvalidHeader (http/message.py), no request bytes: shown as they are.
+GUNICORN_HEADER_TEXTS = {"CONTENT-LENGTH", "TRANSFER-ENCODING", "bare LF as line terminator"}
+
+
+def redacted(exc: BaseException) -> BaseException:
+    """The parse error with no request bytes in its text: no query string, no header line or value."""
+    if isinstance(exc, InvalidRequestLine) and isinstance(exc.req, str):
+        return InvalidRequestLine(re.sub(r"\?\S*", "?...", exc.req))  # ASCII: it is also the answer
+    attribute = REQUEST_BYTES_ATTRIBUTE.get(type(exc))
+    shown = getattr(exc, attribute, None) if attribute else None
+    if attribute is None or shown in GUNICORN_HEADER_TEXTS:
+        return exc
+    clean = copy.copy(exc)
+    setattr(clean, attribute, f"<{len(shown) if isinstance(shown, (str, bytes)) else '?'} characters, not shown>")
+    return clean
+
+
+def event_stream(headers: list[tuple[str, str]]) -> bool:
+    """Whether a response with these headers is an event stream (text/event-stream)."""
+    return any(name.lower() == "content-type" and value.lower().startswith("text/event-stream")
+               for name, value in headers)
+
+
+class EventStreamsUnguarded:
+    """The WSGI app, as gunicorn calls it, with the write guard of the request stopped for an event stream."""
+
+    def __init__(self, app: Any, current: local):
+        self.app = app
+        self._current = current
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        guard = getattr(self._current, "write_guard", None)
+        if guard is None:
+            return self.app(environ, start_response)
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if event_stream(headers):
+                guard.stop()  # app/hub.py ends a stalled stream itself (SSE_STALL_SECONDS)
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)  # gunicorn.conf.py reads the Flask app's `extensions` through it
 
 
 class BoundedGeventWorker(GeventWorker):
     """The gevent worker; a request's body must arrive within REQUEST_BODY_TIMEOUT_SECONDS of its head."""
 
     body_timeout = 30.0
+    write_timeout = 0.0  # RESPONSE_WRITE_TIMEOUT_SECONDS, set by load_wsgi
 
     def load_wsgi(self) -> None:
-        """Load the app, then the bound (here: after gevent's patching, which the app's imports need first)."""
+        """Load the app, then the bounds (here: after gevent's patching, which the app's imports need first)."""
         super().load_wsgi()
         from .config import load_settings
 
-        self.body_timeout = load_settings()["REQUEST_BODY_TIMEOUT_SECONDS"]
+        settings = load_settings()
+        self.body_timeout = settings["REQUEST_BODY_TIMEOUT_SECONDS"]
+        self.write_timeout = settings["RESPONSE_WRITE_TIMEOUT_SECONDS"]
+        self._current = local()  # the request this greenlet serves: its write guard
+        if self.write_timeout:
+            self.wsgi = EventStreamsUnguarded(self.wsgi, self._current)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
+        """Serve one request, its response's writes guarded against a client that takes nothing."""
+        if not self.write_timeout:
+            return self._handle_bounded_body(listener_name, req, sock, addr)
+        from .request_bounds import WriteStallGuard
+
+        def cut(waiting: int) -> None:
+            self.log.warning("Response to %s %s cut: the client took none of it for %gs (%d bytes waiting)",
+                             req.method, req.path, self.write_timeout, waiting)
+
+        self._current.write_guard = WriteStallGuard(sock, self.write_timeout, cut)
+        try:
+            return self._handle_bounded_body(listener_name, req, sock, addr)
+        finally:
+            self._current.write_guard.stop()
+            self._current.write_guard = None
+
+    def _handle_bounded_body(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> bool:
         """Serve one request with its body bounded; gunicorn's own body back in place afterwards."""
         from .request_bounds import BoundedBody
 
@@ -68,12 +177,12 @@ class BoundedGeventWorker(GeventWorker):
             req.body = body
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
-        """The answer of gunicorn to a request it cannot parse, with no query string in its log line.
+        """The answer of gunicorn to a request it cannot parse, with no request bytes that may hold a secret.
 
-        A request line gunicorn refuses (a raw non-ASCII byte in it, say) is logged whole at
-        WARNING, query string included; the access log leaves query strings out on purpose
-        (gunicorn.conf.py), since a careless client may have put a key there.
+        gunicorn logs the error at WARNING and answers its text: a request line it refuses (a raw
+        non-ASCII byte in it, say) whole, query string included, and a header line it cannot split
+        whole (`Authorization Bearer <key>`, colon forgotten). The access log leaves query strings
+        out on purpose (gunicorn.conf.py), since a careless client may have put a key there; here
+        the query string goes, and every header line, name or value (`redacted`).
         """
-        if isinstance(exc, InvalidRequestLine) and isinstance(exc.req, str):
-            exc = InvalidRequestLine(re.sub(r"\?\S*", "?...", exc.req))  # ASCII: it is also the answer
-        super().handle_error(req, client, addr, exc)
+        super().handle_error(req, client, addr, redacted(exc))

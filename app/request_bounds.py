@@ -13,11 +13,19 @@ is an `ApiError` (JSON, never a 500): a `408 request_timeout` past the deadline,
 invalid_body` for broken framing or a body that ended early. After any of them the connection
 closes once the answer is sent: where the next request would start on it is unknown.
 
+The worker also runs every response that is not an event stream under a `WriteStallGuard`: a
+client that acknowledges none of what waits for it for RESPONSE_WRITE_TIMEOUT_SECONDS is reset.
+
 Imported by the worker only after gevent has patched the standard library (this module imports
 Flask and redis-py through app.errors).
 """
 from __future__ import annotations
 
+import fcntl
+import socket
+import struct
+import sys
+import termios
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -109,3 +117,80 @@ class BoundedBody:
         self._body.failed = True  # gunicorn's own flag: never drain this body for a next request
         self._on_fail()
         raise err
+
+
+TCP_INFO_BYTES_ACKED = slice(120, 128)  # struct tcp_info's tcpi_bytes_acked (Linux 4.1+), a u64
+TCP_INFO_LEN = 136
+
+
+def bytes_acked(sock: Any) -> int | None:
+    """How many bytes the TCP peer has acknowledged on `sock`, None where the kernel cannot tell (not TCP)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < TCP_INFO_BYTES_ACKED.stop:
+        return None
+    return int.from_bytes(info[TCP_INFO_BYTES_ACKED], sys.byteorder)
+
+
+def bytes_unacked(sock: Any) -> int:
+    """Bytes written to `sock` that its peer has not acknowledged yet (SIOCOUTQ)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
+class WriteStallGuard:
+    """Cuts a connection whose client has acknowledged none of the bytes waiting for it in `seconds`.
+
+    Why not a timeout on each write: what the kernel takes at once is up to its send buffer (MBs,
+    autotuned), and a blocked write wakes only once a third of that has drained, so a per-write
+    bound would cut a client that reads slowly but steadily. Progress is what the peer acks: a
+    client that takes any byte in `seconds` is never cut, one whose receive window stays shut is.
+    The check is a timer on gevent's loop (nothing runs in the request's greenlet); the cut is a
+    reset (SO_LINGER 0, shutdown), so the write blocked on it fails with EPIPE, which gunicorn
+    ends quietly (a debug line), and the kernel drops the queued bytes.
+    """
+
+    def __init__(self, sock: Any, seconds: float, on_cut: Callable[[int], None]):
+        self._sock = sock
+        self._seconds = seconds
+        self._on_cut = on_cut
+        self._acked = bytes_acked(sock)
+        self._progress_at = time.monotonic()
+        self._timer: Any = None
+        if self._acked is not None:  # a unix socket (behind a local proxy) is the proxy's to bound
+            interval = min(max(seconds / 4, 0.25), 5.0)
+            self._timer = gevent.get_hub().loop.timer(interval, interval)
+            self._timer.start(self._check)
+
+    def stop(self) -> None:
+        """No more checks (the response is done, or is an event stream, which bounds its own stalls)."""
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.close()
+            self._timer = None
+
+    def _check(self) -> None:
+        acked, now = bytes_acked(self._sock), time.monotonic()
+        if acked is None:
+            self.stop()  # closed meanwhile
+            return
+        waiting = bytes_unacked(self._sock)
+        if acked != self._acked or waiting == 0:
+            self._acked, self._progress_at = acked, now
+            return
+        if now - self._progress_at < self._seconds:
+            return
+        self.stop()
+        try:
+            # Through a duplicate: gevent's own shutdown() would cancel the blocked write with EBADF
+            # ("closed in another greenlet"), which gunicorn logs at ERROR with a traceback.
+            with socket.fromfd(self._sock.fileno(), self._sock.family, socket.SOCK_STREAM) as same:
+                same.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                same.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return  # gone already
+        self._on_cut(waiting)

@@ -9,10 +9,13 @@ bytes; HTML, and the connection closes). Everything else reaches the app and get
 errors of API.md: `413 payload_too_large`, `400 invalid_json`, `400 invalid_body` (broken chunked
 framing, a body that ended early), `408 request_timeout` (a body slower than
 REQUEST_BODY_TIMEOUT_SECONDS). A head slower than gunicorn's `keepalive` (5 s) is closed unanswered.
+A client that takes none of a response for RESPONSE_WRITE_TIMEOUT_SECONDS is reset (event streams
+excepted: the hub ends those); gunicorn's refusals never log or echo a header line or value.
 """
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 
@@ -334,3 +337,141 @@ def test_slow_heads_are_closed_after_the_keepalive_bound_and_free_their_slots_bu
     (event,) = events.take(1)
     assert event.id == "0" and event.json()["type"] == "note"
     assert time.monotonic() - started > HEAD_BOUND  # the stream outlived both bounds
+
+
+# Clients that never read ---------------------------------------------------------------------
+
+WRITE_BOUND = 2  # RESPONSE_WRITE_TIMEOUT_SECONDS of the servers that test it
+BIG = 250_000  # bytes of each event's payload: 40 of them (10 MB) are far more than socket buffers hold
+BIG_EVENTS = 40
+
+
+def stuffed_conversation(api: Api) -> str:
+    """A conversation of BIG_EVENTS events of BIG bytes each."""
+    cid = api.create()
+    for _ in range(BIG_EVENTS):
+        api.post(cid, type="note", x="y" * BIG)
+    return cid
+
+
+def tiny_window_client(port: int, request_bytes: bytes) -> socket.socket:
+    """A connection with a 4 KB receive buffer that has sent `request_bytes` (and reads only when told)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(request_bytes)
+    return sock
+
+
+def answer_started(sock: socket.socket) -> bool:
+    """Whether the server has begun to answer on `sock` (nothing is taken from it)."""
+    sock.setblocking(False)
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+    finally:
+        sock.settimeout(10)
+
+
+def read_until(sock: socket.socket, done, timeout: float) -> tuple[bytes, bool]:
+    """Read until `done(data)`, EOF or a reset; (what came, whether the connection ended)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not done(data):
+        assert time.monotonic() < deadline, f"neither done nor closed within {timeout}s ({len(data)} bytes)"
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return data, True
+        if not chunk:
+            return data, True
+        data += chunk
+    return data, False
+
+
+@pytest.mark.timeout(90)
+def test_clients_that_never_read_a_response_are_cut_and_free_their_slots_but_streams_are_not(start_server, make_key):
+    # Four slots: a stream and three listings of 10 MB, none read. Without the bound they hold every
+    # slot (and the listings in memory) for good, and the normal request below is never answered.
+    server = start_server(WORKER_CONNECTIONS="4", RESPONSE_WRITE_TIMEOUT_SECONDS=str(WRITE_BOUND))
+    api = Api(server.base, make_key("alice"))
+    cid = stuffed_conversation(api)
+    stream = tiny_window_client(server.port, (f"GET /api/sse/conversations/{cid}/events HTTP/1.0\r\nHost: x\r\n"
+                                              f"Authorization: Bearer {api.key}\r\n\r\n").encode())
+    stalled = []
+    try:
+        wait_until(lambda: answer_started(stream), 10, what="the stream's first bytes")
+        stalled = [tiny_window_client(server.port, request("GET", f"/api/conversations/{cid}/events?limit=1000",
+                                                           api.key)) for _ in range(3)]
+        wait_until(lambda: all(answer_started(s) for s in stalled), 10, what="the listings' first bytes")
+        started = time.monotonic()
+        status, _, _ = exchange(server.port, request("GET", "/api/conversations", api.key), timeout=WRITE_BOUND + 20)
+        assert status == 200
+        assert time.monotonic() - started >= WRITE_BOUND / 2  # it waited for a slot: the slots really were full
+        wait_until(lambda: server.log().count("cut: the client took none of it") >= 3, WRITE_BOUND + 10,
+                   what="the three listings cut")
+        for sock in stalled:  # what each reads ends (a reset) long before the 10 MB listing
+            data, ended = read_until(sock, lambda data: False, 10)
+            assert ended and len(data) < BIG * BIG_EVENTS / 2, len(data)
+        assert "Traceback" not in server.log() and "[ERROR]" not in server.log()
+        # The stream, unread as long, is whole: every stored event comes once it is read.
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # a window no longer tiny: read quicker
+        data, ended = read_until(stream, lambda data: b"\nid: %d\n" % (BIG_EVENTS - 1) in data, 30)
+        assert not ended
+        assert re.findall(rb"^id: (\d+)$", data, re.M) == [b"%d" % i for i in range(BIG_EVENTS)]
+        assert server.log().count("cut: the client took none of it") == 3
+    finally:
+        for sock in [stream, *stalled]:
+            sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_reader_is_never_cut(start_server, make_key):
+    bound = 3
+    server = start_server(RESPONSE_WRITE_TIMEOUT_SECONDS=str(bound))
+    api = Api(server.base, make_key("alice"))
+    cid = stuffed_conversation(api)
+    sock = tiny_window_client(server.port, request("GET", f"/api/conversations/{cid}/events?limit=1000", api.key))
+    try:
+        data = b""
+        slow_until = time.monotonic() + 2 * bound
+        while time.monotonic() < slow_until:  # a few KB a second, for twice the bound
+            data += sock.recv(65536)
+            time.sleep(bound / 3)  # the client's pace, not a wait for the server
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        assert len(body) < length / 2  # the server was still writing the whole time
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # a window no longer tiny: read quicker
+        data, ended = read_until(sock, lambda data: len(body) + len(data) >= length, 30)
+        listing = json.loads(body + data)
+        assert [event["id"] for event in listing["events"]] == list(range(BIG_EVENTS))
+    finally:
+        sock.close()
+    assert "cut: the client took none of it" not in server.log()
+
+
+def test_a_header_line_gunicorn_refuses_is_never_logged_nor_answered(server, make_key):
+    key = make_key("alice")  # a real key: the end-of-run log audit looks for its secret in this server's log too
+    secret = key.rsplit("_", 1)[1].encode()
+    get = "GET /api/conversations HTTP/1.1\r\nHost: x\r\n"
+    heads = {
+        "a header line with no colon": f"{get}Authorization Bearer {key}\r\n",
+        "a key alone on a line": f"{get}{key}\r\n",
+        "a header name with a space": f"{get}Authorization Bearer {key}: x\r\n",
+        "a key in a header name": f"{get}{key}\x01: x\r\n",
+        "a folded line": f"{get}Authorization: Bearer\r\n {key}\r\n",
+        "a control character in the value": f"{get}Authorization: Bearer {key}\x7f\r\n",
+        "a key as the method": f"{key}! /api/conversations HTTP/1.1\r\nHost: x\r\n",
+        "a key as the version": f"GET /api/conversations {key}\r\nHost: x\r\n",
+        "a key as Expect": f"{get}Expect: {key}\r\n",
+        "a key as the transfer coding": f"POST /api/conversations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {key}\r\n",
+    }
+    for what, head in heads.items():
+        status, headers, body = exchange(server.port, (head + "\r\n").encode())
+        assert status in (400, 417, 501), (what, status, body[:300])
+        assert secret not in body, what
+    wait_until(lambda: server.log().count("Invalid request from") >= len(heads), 5, what="gunicorn's log lines")
+    log = server.log()
+    assert secret.decode() not in log and "Invalid HTTP Header: '<" in log
