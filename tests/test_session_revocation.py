@@ -100,7 +100,8 @@ def test_no_clock_decides_a_sign_out(app, key, monkeypatch, skew):
 
 
 @pytest.mark.timeout(60)
-def test_sign_out_ends_the_keys_cookie_streams_within_two_seconds_and_leaves_its_bearer_streams(server, api, make_key):
+def test_sign_out_ends_the_keys_cookie_streams_within_two_seconds_and_leaves_its_bearer_streams(server, api, make_key,
+                                                                                               redis_client):
     cid = api.create(initial_user_msg="x")
     _, _, headers = api.call("POST", "/api/session")
     cookie = headers["Set-Cookie"].split(";", 1)[0]
@@ -123,9 +124,22 @@ def test_sign_out_ends_the_keys_cookie_streams_within_two_seconds_and_leaves_its
     api.post(cid)
     bob.post(bob_cid)
     assert by_key.take(1) and bobs.take(1)
-    # A fresh sign-in streams again.
+    # A fresh sign-in streams again, and its stream outlives the hub's next check of the key (of its generation).
     fresh = api.call("POST", "/api/session")[2]["Set-Cookie"].split(";", 1)[0]
-    assert open_stream(server.port, SSE.format(cid), {"Cookie": fresh}).status == 200
+    by_fresh = open_stream(server.port, SSE.format(cid), {"Cookie": fresh})
+    assert by_fresh.status == 200 and len(by_fresh.take(3)) == 3
+    witness_key = make_key("carol")  # its stream ends at the first check after the fresh one registered
+    witness = open_stream(server.port, SSE.format(Api(server.base, witness_key).create()), bearer(witness_key))
+    assert len(witness.take(1)) == 1
+    redis_client.hset(api_key_key(witness_key.split("_")[1]), "revoked_at", "now")
+    assert witness.ended(timeout=10)
+    api.post(cid, type="after_the_check")
+    assert [e.json()["type"] for e in by_fresh.take(1)] == ["after_the_check"]
+    # The next sign-out ends it.
+    assert api.call("DELETE", "/api/session", headers={"Cookie": fresh})[0] == 200
+    assert by_fresh.ended(timeout=10)
+    for stream in (by_key, bobs, by_fresh, witness):
+        stream.close()
 
 
 def test_the_cli_signs_a_key_out_of_every_browser(app, key):
