@@ -129,7 +129,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         "30", _float(0.1), "a request body must arrive whole within this long of the request's head (408 beyond)",
     ),
     "RESPONSE_WRITE_TIMEOUT_SECONDS": (
-        "30", _float(0), "a client that acknowledges none of a response's waiting bytes for this long is "
+        "30", _float(0), "a client that acknowledges under 4 KiB of a response's waiting bytes in this long is "
         "disconnected (event streams excepted: SSE_STALL_SECONDS); 0: off",
     ),
     "EVENT_RETENTION": ("0", _int(0), "events kept per conversation, oldest trimmed first; 0 keeps all"),

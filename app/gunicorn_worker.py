@@ -147,11 +147,11 @@ class BoundedGeventWorker(GeventWorker):
         """Serve one request, its response's writes guarded against a client that takes nothing."""
         if not self.write_timeout:
             return self._handle_bounded_body(listener_name, req, sock, addr)
-        from .request_bounds import WriteStallGuard
+        from .request_bounds import MIN_PROGRESS, WriteStallGuard
 
         def cut(waiting: int) -> None:
-            self.log.warning("Response to %s %s cut: the client took none of it for %gs (%d bytes waiting)",
-                             req.method, req.path, self.write_timeout, waiting)
+            self.log.warning("Response to %s %s cut: the client took under %d bytes of it in %gs (%d bytes waiting)",
+                             req.method, req.path, MIN_PROGRESS, self.write_timeout, waiting)
 
         self._current.write_guard = WriteStallGuard(sock, self.write_timeout, cut)
         try:

@@ -142,13 +142,16 @@ def bytes_unacked(sock: Any) -> int:
         return 0
 
 
+MIN_PROGRESS = 4096  # bytes a client must take per RESPONSE_WRITE_TIMEOUT_SECONDS while a response waits for it
+
+
 class WriteStallGuard:
-    """Cuts a connection whose client has acknowledged none of the bytes waiting for it in `seconds`.
+    """Cuts a connection whose client has taken under MIN_PROGRESS bytes of what waits for it in `seconds`.
 
     Why not a timeout on each write: what the kernel takes at once is up to its send buffer (MBs,
     autotuned), and a blocked write wakes only once a third of that has drained, so a per-write
     bound would cut a client that reads slowly but steadily. Progress is what the peer acks: a
-    client that takes any byte in `seconds` is never cut, one whose receive window stays shut is.
+    client that takes MIN_PROGRESS bytes in `seconds` is never cut, one whose window stays shut is.
     The check is a timer on gevent's loop (nothing runs in the request's greenlet); the cut is a
     reset (SO_LINGER 0, shutdown), so the write blocked on it fails with EPIPE, which gunicorn
     ends quietly (a debug line), and the kernel drops the queued bytes.
@@ -179,7 +182,9 @@ class WriteStallGuard:
             self.stop()  # closed meanwhile
             return
         waiting = bytes_unacked(self._sock)
-        if acked != self._acked or waiting == 0:
+        # Progress is MIN_PROGRESS bytes taken, not any: a client acking one segment now and then
+        # (a slow-read attack) would otherwise hold its slot and the response for ever.
+        if acked - self._acked >= MIN_PROGRESS or waiting == 0:
             self._acked, self._progress_at = acked, now
             return
         if now - self._progress_at < self._seconds:
