@@ -355,7 +355,14 @@ class Store:
         """Stored event JSON from `start_id` on (at most `limit`), whether more follow; the owner is checked already."""
         if start_id > MAX_EVENT_ID:  # nothing is past the largest possible id (and Redis would refuse the entry id)
             return [], False
-        entries = self.redis.xrange(conv_events_key(cid), min=entry_id(start_id), max="+", count=limit + 1)
+        # The conversation's meta with the page (one round trip, one slot): deleted since the owner
+        # was read, it is a 404, not an empty page that says there is nothing more.
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrange(conv_events_key(cid), min=entry_id(start_id), max="+", count=limit + 1)
+        pipe.exists(conv_meta_key(cid))
+        entries, exists = pipe.execute()
+        if not exists:
+            raise NotFound("no such conversation")
         return [fields[b"e"] for _eid, fields in entries[:limit] if b"e" in fields], len(entries) > limit
 
     def read_after(self, cid: str, after_id: int, count: int) -> list[tuple[int, bytes]]:

@@ -368,6 +368,18 @@ def test_bad_listing_parameters_are_400(client, key, cid, query):
     assert query.split("=")[0] in body["message"]
 
 
+def test_a_page_of_a_conversation_deleted_after_its_owner_was_read_is_a_404(app, client, key, cid):
+    """The listing reads the owner with the key, then the page: a deletion between the two is no empty page."""
+    from app.errors import NotFound
+
+    client.post(f"/api/conversations/{cid}/events", json={"type": "user_message", "content": "x"}, headers=bearer(key))
+    store = app.extensions["store"]
+    assert store.events_page(cid, 0, 10)[0]  # the owner has been checked (by the view): the page is read
+    assert client.delete(f"/api/conversations/{cid}", headers=bearer(key)).status_code == 200
+    with pytest.raises(NotFound):
+        store.events_page(cid, 0, 10)
+
+
 def test_listing_unknown_conversation_is_404(client, key):
     assert_error(client.get("/api/conversations/nope/events", headers=bearer(key)), 404, "not_found")
 
