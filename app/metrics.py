@@ -170,9 +170,12 @@ def start_greenlet_gauge(seconds: int) -> None:
     # The walk pauses the whole worker (every stream): a scrape, which anyone allowed may send
     # at any rate, must not cause it, so with a period set a scrape answers with the last count.
     _greenlets_counted_at_scrape[0] = seconds == 0
-    refresh_greenlets()
-    if seconds and MULTIPROCESS and gevent.monkey.is_module_patched("socket"):
-        gevent.spawn(_refresh_greenlets_forever, seconds)
+    if MULTIPROCESS and gevent.monkey.is_module_patched("socket"):
+        # Only a gunicorn worker counts: another process with the metrics folder in its
+        # environment (a flask command) would leave a series of its own behind.
+        refresh_greenlets()
+        if seconds:
+            gevent.spawn(_refresh_greenlets_forever, seconds)
 
 
 def is_loopback(address: str | None) -> bool:
