@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 OVERFLOW_GRACE = 5.0  # after an overflow, a stream still blocked in a write this long is cut off
 TCP_INFO_SIZE = 136
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets, dropping what is queued
 TCP_INFO_BYTES_ACKED = struct.Struct("=Q")  # tcpi_bytes_acked, at offset 120 of struct tcp_info (Linux 4.1+)
 
 
@@ -219,6 +220,13 @@ def end_stalled(subscribers: Iterable[Subscriber], limit: float) -> int:
             sub.acked, sub.acked_at = acked, now
         if now - since >= limit and (acked is None or now - sub.acked_at >= limit / 2):
             sub.end("stalled")  # the first reason wins: one ending already (overflow, deleted) keeps its own
+            # A reset, not a FIN after what is queued: a client taking nothing would leave the
+            # kernel holding those bytes, probing its shut window, for minutes after the close.
+            raw = getattr(sub.sock, "_sock", sub.sock)
+            try:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            except (OSError, AttributeError):
+                pass
             sub._abort()  # the blocked write fails (EPIPE): the stream ends through its usual path
             sub.stalled_since = 0.0
             ended += 1
