@@ -267,8 +267,10 @@ def test_over_http2_one_connection_carries_20_concurrent_streams(start_server, s
         listeners = [threading.Thread(target=listen, args=(n,), daemon=True) for n in range(count)]
         for listener in listeners:
             listener.start()
+        # 20 streams opened from threads over one HTTP/2 connection take 6 to 16 s on an idle 2-core
+        # box (the same before issue 11's changes): the bound leaves room for a loaded one.
         wait_until(lambda: json.loads(httpx.get(server.base + "/healthz", timeout=5).text)["streams"] == count,
-                   15, what=f"{count} streams open in gunicorn")
+                   45, what=f"{count} streams open in gunicorn")
         for n in range(events):
             posted = client.post(f"/api/conversations/{cid}/events", json={"type": "user_message", "content": f"m{n}"})
             assert posted.status_code == 200 and posted.http_version == "HTTP/2", posted.text
