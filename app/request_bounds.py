@@ -24,7 +24,6 @@ from __future__ import annotations
 import fcntl
 import socket
 import struct
-import sys
 import termios
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ import gevent
 from gunicorn.http.errors import ParseException
 
 from .errors import ApiError, BadRequest
+from .subscriber import bytes_acked  # the streams' stall check reads the same TCP_INFO field
 
 
 class RequestBodyTimeout(ApiError):
@@ -117,21 +117,6 @@ class BoundedBody:
         self._body.failed = True  # gunicorn's own flag: never drain this body for a next request
         self._on_fail()
         raise err
-
-
-TCP_INFO_BYTES_ACKED = slice(120, 128)  # struct tcp_info's tcpi_bytes_acked (Linux 4.1+), a u64
-TCP_INFO_LEN = 136
-
-
-def bytes_acked(sock: Any) -> int | None:
-    """How many bytes the TCP peer has acknowledged on `sock`, None where the kernel cannot tell (not TCP)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
-    except (OSError, AttributeError):
-        return None
-    if len(info) < TCP_INFO_BYTES_ACKED.stop:
-        return None
-    return int.from_bytes(info[TCP_INFO_BYTES_ACKED], sys.byteorder)
 
 
 def bytes_unacked(sock: Any) -> int:
