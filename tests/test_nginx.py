@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from .conftest import bearer
+from .h2_client import Http2Connection
 from .nginx import (
     CLIENT_ADDRESS,
     SITE_TEMPLATE,
@@ -241,43 +242,35 @@ def test_behind_nginx_the_cookie_is_secure_and_the_client_address_is_the_clients
 
 @pytest.mark.timeout(90)
 def test_over_http2_one_connection_carries_20_concurrent_streams(start_server, start_nginx, make_key, certificate):
-    # Heartbeats of 1 s: httpcore may hand a stream's bytes over only once more arrive on the connection.
-    server = start_server(SSE_HEARTBEAT_SECONDS="1")
+    server = start_server()
     front = start_nginx([server])
     count, events = 20, 5
-    context = ssl.create_default_context(cafile=str(certificate[0]))
-    with httpx.Client(http2=True, verify=context, base_url=front.base, headers=bearer(make_key("alice")),
-                      timeout=15) as client:
-        created = client.post("/api/conversations", json={})
-        assert created.http_version == "HTTP/2", created.http_version
-        cid = created.json()["conversation_id"]
-        received: dict[int, list[int]] = {}
-        versions: dict[int, str] = {}
-
-        def listen(n: int) -> None:
-            received[n] = []
-            with client.stream("GET", SSE.format(cid)) as response:
-                versions[n] = f"{response.status_code} {response.http_version}"
-                for line in response.iter_lines():
-                    if line.startswith("id: "):
-                        received[n].append(int(line[4:]))
-                        if len(received[n]) == events:
-                            return
-
-        listeners = [threading.Thread(target=listen, args=(n,), daemon=True) for n in range(count)]
-        for listener in listeners:
-            listener.start()
-        # 20 streams opened from threads over one HTTP/2 connection take 6 to 16 s on an idle 2-core
-        # box (the same before issue 11's changes): the bound leaves room for a loaded one.
-        wait_until(lambda: json.loads(httpx.get(server.base + "/healthz", timeout=5).text)["streams"] == count,
-                   45, what=f"{count} streams open in gunicorn")
-        for n in range(events):
-            posted = client.post(f"/api/conversations/{cid}/events", json={"type": "user_message", "content": f"m{n}"})
-            assert posted.status_code == 200 and posted.http_version == "HTTP/2", posted.text
-        for listener in listeners:
-            listener.join(20)
-    assert versions == {n: "200 HTTP/2" for n in range(count)}
-    assert received == {n: list(range(events)) for n in range(count)}
+    authority = front.base.removeprefix("https://")
+    connection = Http2Connection(front.https_port, ssl.create_default_context(cafile=str(certificate[0])),
+                                 authority, bearer(make_key("alice")))
+    try:
+        assert connection.protocol == "h2"
+        created = connection.request("POST", "/api/conversations", b"{}", "application/json")
+        connection.until(lambda: connection.responses[created].ended, 15, what="the conversation created")
+        assert connection.responses[created].status == 200, connection.responses[created]
+        cid = json.loads(connection.responses[created].body)["conversation_id"]
+        streams = [connection.request("GET", SSE.format(cid)) for _ in range(count)]
+        connection.until(lambda: all(connection.responses[s].status for s in streams), 15,
+                         what=f"{count} stream heads")
+        assert {connection.responses[s].status for s in streams} == {200}
+        connection.until(lambda: json.loads(httpx.get(server.base + "/healthz", timeout=5).text)["streams"] == count,
+                         15, what=f"{count} streams open in gunicorn")
+        posts = [connection.request("POST", f"/api/conversations/{cid}/events",
+                                    json.dumps({"type": "user_message", "content": f"m{n}"}).encode(),
+                                    "application/json") for n in range(events)]
+        connection.until(lambda: all(connection.responses[p].ended for p in posts), 15, what="the posts answered")
+        assert {connection.responses[p].status for p in posts} == {200}
+        connection.until(lambda: all(len(connection.responses[s].event_ids()) >= events for s in streams), 15,
+                         what=f"{events} events on every stream")
+        assert [connection.responses[s].event_ids() for s in streams] == [list(range(events))] * count
+        assert not any(connection.responses[s].ended or connection.responses[s].reset for s in streams)
+    finally:
+        connection.close()
     # nginx numbers its client connections: the create, the posts and all 20 streams shared one.
     lines = wait_until(lambda: [line for line in front.access_log() if "/api/" in line]
                        if sum("/api/sse/" in line for line in front.access_log()) == count else None,
