@@ -40,6 +40,7 @@ patched the standard library.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import time
 from typing import Any
@@ -94,6 +95,38 @@ def redacted(exc: BaseException) -> BaseException:
     clean = copy.copy(exc)
     setattr(clean, attribute, f"<{len(shown) if isinstance(shown, (str, bytes)) else '?'} characters, not shown>")
     return clean
+
+
+# The machine codes of gunicorn's own refusals (workers/base.py handle_error picks the status).
+REFUSAL_CODES = {400: "bad_request", 403: "forbidden", 414: "uri_too_long", 417: "expectation_failed",
+                 431: "headers_too_large", 501: "not_implemented"}
+
+
+class JsonRefusals:
+    """The client socket as gunicorn's handle_error sees it: its HTML error page goes out as API.md's JSON error.
+
+    gunicorn writes the whole answer with one `sendall` (util.write_error): its status line is kept,
+    the rest is replaced. The message is the parse error's own text, once `redacted`: what is
+    wrong, never the request's bytes.
+    """
+
+    def __init__(self, sock: Any, message: str):
+        self._sock = sock
+        self._message = message
+
+    def sendall(self, data: bytes) -> None:
+        """Send the JSON answer with gunicorn's status line."""
+        status_line = data.split(b"\r\n", 1)[0]
+        status = int(status_line.split(b" ", 2)[1])
+        code = REFUSAL_CODES.get(status, "internal_error" if status >= 500 else "bad_request")
+        message = "internal error" if status == 500 else self._message
+        body = json.dumps({"status": "error", "error": code, "message": message}).encode() + b"\n"
+        head = (status_line + b"\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                b"X-Content-Type-Options: nosniff\r\nContent-Length: %d\r\n\r\n" % len(body))
+        self._sock.sendall(head + body)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)  # gettimeout, setblocking: util.write_nonblock's
 
 
 def event_stream(headers: list[tuple[str, str]]) -> bool:
@@ -183,6 +216,8 @@ class BoundedGeventWorker(GeventWorker):
         non-ASCII byte in it, say) whole, query string included, and a header line it cannot split
         whole (`Authorization Bearer <key>`, colon forgotten). The access log leaves query strings
         out on purpose (gunicorn.conf.py), since a careless client may have put a key there; here
-        the query string goes, and every header line, name or value (`redacted`).
+        the query string goes, and every header line, name or value (`redacted`). The answer is
+        JSON, as every error of API.md is, not gunicorn's HTML page (`JsonRefusals`).
         """
-        super().handle_error(req, client, addr, redacted(exc))
+        clean = redacted(exc)
+        super().handle_error(req, JsonRefusals(client, str(clean)), addr, clean)

@@ -5,7 +5,8 @@ Never a stuck worker either, and no slow client keeps a connection slot past its
 Who answers what: gunicorn itself refuses what it cannot parse (a bad request line, raw non-ASCII
 bytes in the path or query, a bad header, a bad Content-Length or Transfer-Encoding: its own
 `400`, `414` for a request line over 4094 bytes, `431` for over 100 headers or one over 8190
-bytes; HTML, and the connection closes). Everything else reaches the app and gets the JSON
+bytes; as API.md's JSON error, not gunicorn's HTML page, and the connection closes). Everything
+else reaches the app and gets the JSON
 errors of API.md: `413 payload_too_large`, `400 invalid_json`, `400 invalid_body` (broken chunked
 framing, a body that ended early), `408 request_timeout` (a body slower than
 REQUEST_BODY_TIMEOUT_SECONDS). A head slower than gunicorn's `keepalive` (5 s) is closed unanswered.
@@ -74,10 +75,14 @@ def assert_json(status: int | None, headers: dict[str, str], body: bytes, want: 
     assert set(answer) == {"status", "error", "message"} and answer["error"] == code, answer
 
 
+REFUSAL_CODES = {400: "bad_request", 414: "uri_too_long", 431: "headers_too_large"}
+
+
 def assert_gunicorn_refusal(status: int | None, headers: dict[str, str], body: bytes, want: int) -> None:
-    """Gunicorn's own refusal: this 4xx, and the connection closed after it."""
-    assert status == want, (status, body[:300])
+    """Gunicorn's own refusal: this 4xx as API.md's JSON error, and the connection closed after it."""
+    assert_json(status, headers, body, want, REFUSAL_CODES[want])
     assert headers.get("connection", "").lower() == "close"
+    assert headers.get("x-content-type-options") == "nosniff"
 
 
 def post_head(key: str, path: str = "/api/conversations", extra: str = "") -> bytes:
@@ -184,7 +189,9 @@ def test_invalid_utf8_and_huge_heads_get_a_clear_4xx(server, api):
     # Raw bytes that are not ASCII in the request line: gunicorn's 400.
     for target in (b"/api/conversations/\xff\xfe", b"/api/conversations?limit=\xff&key=ohk_secret_in_query",
                    b"/api/sse/conversations/\xc3(/events"):
-        assert_gunicorn_refusal(*exchange(port, get(target)), 400)
+        status, headers, answer = exchange(port, get(target))
+        assert_gunicorn_refusal(status, headers, answer, 400)
+        assert "Invalid HTTP request line" in json.loads(answer)["message"] and b"ohk_secret" not in answer
     # gunicorn logs the line it refused, but never its query string (where a careless client puts keys).
     wait_until(lambda: "/api/sse/conversations/" in server.log(), 5, what="gunicorn's log line")
     assert "Invalid HTTP request line" in server.log() and "ohk_secret_in_query" not in server.log()
@@ -206,7 +213,9 @@ def test_invalid_utf8_and_huge_heads_get_a_clear_4xx(server, api):
     assert status == 200  # a header nobody reads is nobody's problem
     # A control character in a header, and sizes over gunicorn's limits: its own 400, 431, 414.
     assert_gunicorn_refusal(*exchange(port, get(b"/api/conversations", b"X-A: a\x00b\r\n")), 400)
-    assert_gunicorn_refusal(*exchange(port, get(b"/api/conversations", b"X-Big: " + b"a" * 1_000_000 + b"\r\n")), 431)
+    status, headers, answer = exchange(port, get(b"/api/conversations", b"X-Big: " + b"a" * 1_000_000 + b"\r\n"))
+    assert_gunicorn_refusal(status, headers, answer, 431)
+    assert b"aaaa" not in answer
     many = b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))
     assert_gunicorn_refusal(*exchange(port, get(b"/api/conversations", many)), 431)
     assert_gunicorn_refusal(*exchange(port, get(b"/api/conversations?x=" + b"a" * 100_000)), 414)
@@ -472,6 +481,8 @@ def test_a_header_line_gunicorn_refuses_is_never_logged_nor_answered(server, mak
         status, headers, body = exchange(server.port, (head + "\r\n").encode())
         assert status in (400, 417, 501), (what, status, body[:300])
         assert secret not in body, what
+        codes = {**REFUSAL_CODES, 417: "expectation_failed", 501: "not_implemented"}
+        assert_json(status, headers, body, status, codes[status])
     wait_until(lambda: server.log().count("Invalid request from") >= len(heads), 5, what="gunicorn's log lines")
     log = server.log()
     assert secret.decode() not in log and "Invalid HTTP Header: '<" in log
