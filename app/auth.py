@@ -16,7 +16,7 @@ from werkzeug.http import dump_cookie
 from . import cors
 from .config import secret_from_file
 from .errors import Forbidden, Unauthorized
-from .keys import COOKIE_GEN
+from .keys import COOKIE_GEN, cookie_generation
 from .lua import SIGN_OUT_LUA
 from .store import KEY_PREFIX, api_key_key, hash_secret
 
@@ -132,8 +132,7 @@ def cookie_key_id(values: list[str]) -> tuple[str, int] | None:
 
 def cookie_gen(record: dict[str, str]) -> int:
     """The key's cookie generation: how many times it signed out (absent: 0); only its cookies of it are valid."""
-    value = record.get(COOKIE_GEN, "")
-    return int(value) if value.isdigit() else 0
+    return cookie_generation(record.get(COOKIE_GEN))
 
 
 def verify(creds: Presented | None, record: dict[str, str] | None) -> Caller:

@@ -23,7 +23,7 @@ from . import metrics, replies, sse
 from .broker import Listener, wait_for
 from .cluster_listener import ClusterListener
 from .errors import redis_unavailable
-from .keys import COOKIE_GEN
+from .keys import COOKIE_GEN, cookie_generation
 from .redis import is_cluster, make_dedicated_client
 from .store import (
     DELETED_NOTICE,
@@ -396,7 +396,7 @@ class Hub:
                 revoked = user_id is None or revoked_at is not None
                 # A sign-out (a new cookie generation) ends the cookie streams of an older one (their
                 # key id is an auth.CookieKeyId); the key's Bearer streams (a plain str) have none.
-                current = int(gen) if gen and gen.isdigit() else 0
+                current = cookie_generation(gen)
                 for sub in list(self.by_key.get(key_id, ())):
                     if revoked or getattr(sub.key_id, "cookie_gen", current) != current:
                         sub.end("revoked")

@@ -75,6 +75,11 @@ def api_key_key(key_id: str) -> str:
 COOKIE_GEN = "cookie_gen"
 
 
+def cookie_generation(stored: str | bytes | None) -> int:
+    """A key's cookie generation from its stored COOKIE_GEN field (absent or unreadable: 0)."""
+    return int(stored) if stored and stored.isascii() and stored.isdigit() else 0
+
+
 def entry_id(event_id: int) -> str:
     """Stream entry id of event `event_id`; also the exclusive XREAD start for 'after event_id'."""
     return f"{event_id + 1}-0"

@@ -103,6 +103,19 @@ def _text(value: bytes | None) -> str | None:
     return value.decode() if value is not None else None
 
 
+def visible_owner(owner: bytes | None, pending: bytes | None) -> str | None:
+    """The owner of a conversation from its meta's `owner` and `pending` fields; None if none, or not created yet."""
+    return owner.decode() if owner is not None and pending is None else None
+
+
+def stored_events(entries: list) -> list[tuple[int, bytes]]:
+    """(event id, stored JSON) of the entries an XRANGE of a conversation's events gave.
+
+    An entry not written by us (no event field) is skipped: one bad entry must not stall a stream.
+    """
+    return [(event_id_of(eid), fields[b"e"]) for eid, fields in entries if b"e" in fields]
+
+
 class Store:
     """Conversations, events, API keys and stream leases, on one Redis client."""
 
@@ -282,8 +295,7 @@ class Store:
         """The owner of a visible conversation, or None when there is none."""
         if not CONVERSATION_ID.fullmatch(cid):
             return None
-        owner, pending = self.redis.hmget(conv_meta_key(cid), "owner", "pending")
-        return _text(owner) if pending is None else None
+        return visible_owner(*self.redis.hmget(conv_meta_key(cid), "owner", "pending"))
 
     # Events -------------------------------------------------------------------------------
 
@@ -369,9 +381,7 @@ class Store:
         """Up to `count` events after `after_id`, as (event id, stored JSON)."""
         if after_id >= MAX_EVENT_ID:
             return []
-        entries = self.redis.xrange(conv_events_key(cid), min=entry_id(after_id + 1), max="+", count=count)
-        # An entry not written by us (no event field) is skipped: one bad entry must not stall a stream.
-        return [(event_id_of(eid), fields[b"e"]) for eid, fields in entries if b"e" in fields]
+        return stored_events(self.redis.xrange(conv_events_key(cid), min=entry_id(after_id + 1), max="+", count=count))
 
     # API keys -----------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from flask import Blueprint, Response, request
 from .. import ratelimit, validation
 from ..auth import authenticate_with, current_caller, self_authenticating
 from ..errors import BadRequest, NotFound
-from ..store import CONVERSATION_ID, conv_meta_key
+from ..store import CONVERSATION_ID, conv_meta_key, visible_owner
 from . import get_store, json_body
 
 bp = Blueprint("events", __name__, url_prefix="/api/conversations")
@@ -48,8 +48,7 @@ def list_events(cid: str) -> Response:
     # whole page inside Redis.
     caller, answers = authenticate_with(lambda pipe: pipe.hmget(conv_meta_key(cid), "owner", "pending") if known
                                         else None)
-    owner, pending = answers[0] if known else (None, None)
-    if owner is None or pending is not None or owner.decode() != caller.user_id:
+    if (visible_owner(*answers[0]) if known else None) != caller.user_id:
         raise NotFound("no such conversation")
     events, has_more = get_store().events_page(cid, start_id, limit)
     # The stored JSON goes out as it is: no decode and re-encode per event.

@@ -13,7 +13,16 @@ from ..auth import Presented, authenticate_with, current_caller, presented, self
 from ..errors import BadRequest, NotFound, ServiceUnavailable, TooManyRequests
 from ..hub import Hub, HubUnavailable, gevent_ready
 from ..keys import conv_reply_key
-from ..store import CONVERSATION_ID, MAX_EVENT_ID, Store, conv_events_key, conv_meta_key, entry_id, event_id_of
+from ..store import (
+    CONVERSATION_ID,
+    MAX_EVENT_ID,
+    Store,
+    conv_events_key,
+    conv_meta_key,
+    entry_id,
+    stored_events,
+    visible_owner,
+)
 from ..subscriber import Subscriber
 from . import get_store
 
@@ -78,17 +87,6 @@ def _chunked_plain_http(environ: dict, sock: object) -> bool:
     )
 
 
-def _owner(reply: list[bytes | None]) -> str | None:
-    """The owner in the reply to the read of a conversation's meta (as Store.conversation_owner), None if none."""
-    owner, pending, _agent_state = reply
-    return owner.decode() if owner is not None and pending is None else None
-
-
-def _stored(entries: list) -> list[tuple[int, bytes]]:
-    """The (event id, stored JSON) of the entries an XRANGE of a conversation's events gave (as Store.read_after)."""
-    return [(event_id_of(eid), fields[b"e"]) for eid, fields in entries if b"e" in fields]
-
-
 def _streamed_with(hub: Hub, creds: Presented | None, cid: str) -> bool:
     """Whether the key these credentials name has a stream of `cid` open in this worker (not yet proven)."""
     return creds is not None and any(sub.conversation_id == cid for sub in hub.by_key.get(creds.key_id, ()))
@@ -140,7 +138,7 @@ def stream_events(cid: str) -> Response:
     # checked in that order: a caller over its limit learns nothing of conversations.
     caller, answers = authenticate_with(reads)
     limit.judge(answers)
-    if (_owner(answers[0]) if known else None) != caller.user_id:
+    if (visible_owner(*answers[0][:2]) if known else None) != caller.user_id:
         raise NotFound("no such conversation")
     if request.method == "HEAD":  # the headers a GET would get, and no stream behind them
         return Response(headers=STREAM_HEADERS)
@@ -157,7 +155,7 @@ def stream_events(cid: str) -> Response:
     sock = request.environ.get("gunicorn.socket")
     # The stream resumes after the last event it has sent: the client's id, or the last one read above.
     resume = latest
-    page = _stored(answers[1]) if prefetch else []
+    page = stored_events(answers[1]) if prefetch else []
     if page:
         opening += stream.page_frames(latest, page)
         resume = page[-1][0]
