@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -395,6 +396,54 @@ def test_a_body_over_nginxs_limit_gets_a_json_413_from_nginx(start_server, start
     between = api.call("POST", f"/api/conversations/{cid}/events",
                        {"type": "user_message", "content": "x" * (512 << 10)})
     assert nginx_error(between, 413, "payload_too_large")["message"] != response.json()["message"]
+
+
+def tls_exchange(front: Nginx, cert: Path, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Raw bytes to nginx over TLS + HTTP/1.1; its (status, headers, body), read until it closes."""
+    raw = socket.create_connection(("127.0.0.1", front.https_port), timeout=10)
+    with tls_context(cert).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    return int(status_line.split()[1]), {k.strip().lower(): v.strip() for k, _, v in
+                                         (line.partition(":") for line in lines)}, body
+
+
+@pytest.mark.timeout(60)
+def test_a_request_nginx_refuses_itself_gets_a_json_400_or_431(start_server, start_nginx, make_key, certificate):
+    front = start_nginx([start_server()])
+    key = make_key("alice")
+    get = f"GET /api/conversations HTTP/1.1\r\nHost: {front.base.removeprefix('https://')}\r\n"
+    refusals = {
+        "no Host header": (b"GET /api/conversations HTTP/1.1\r\nConnection: close\r\n\r\n", 400, "bad_request"),
+        "a request line that is not HTTP": (b"NOT HTTP\r\n\r\n", 400, "bad_request"),
+        "a 64 KiB header": ((get + "X-Big: " + "a" * 65536 + "\r\n\r\n").encode(), 431, "headers_too_large"),
+        "a 64 KiB cookie beside the key": ((get + f"Authorization: Bearer {key}\r\nCookie: c={'b' * 65536}\r\n\r\n")
+                                           .encode(), 431, "headers_too_large"),
+    }
+    for what, (data, status, code) in refusals.items():
+        got, headers, body = tls_exchange(front, certificate[0], data)
+        assert (got, headers.get("content-type")) == (status, "application/json"), (what, got, body[:300])
+        answer = json.loads(body)
+        assert answer["status"] == "error" and answer["error"] == code and answer["message"], (what, answer)
+        assert key.encode() not in body
+    # Over HTTP/2 nginx 1.22 ends the whole connection for a head over the limit (GOAWAY,
+    # ENHANCE_YOUR_CALM); an answer, if a later nginx sends one, must be the JSON one.
+    connection = Http2Connection(front.https_port, ssl.create_default_context(cafile=str(certificate[0])),
+                                 front.base.removeprefix("https://"), {**bearer(key), "x-big": "a" * 65536})
+    try:
+        refused = connection.request("GET", "/api/conversations")
+        connection.until(lambda: connection.responses[refused].ended or connection.responses[refused].reset
+                         or connection.terminated, 15, what="nginx's answer over HTTP/2")
+        response = connection.responses[refused]
+        if response.status is not None:
+            assert response.status in (400, 431) and response.headers["content-type"] == "application/json", response
+            assert json.loads(response.body)["status"] == "error"
+    finally:
+        connection.close()
 
 
 @pytest.mark.timeout(60)
