@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import h2.errors
 import httpx
 import pytest
 
@@ -247,8 +248,9 @@ def test_over_http2_one_connection_carries_20_concurrent_streams(start_server, s
     front = start_nginx([server])
     count, events = 20, 5
     authority = front.base.removeprefix("https://")
+    key = make_key("alice")
     connection = Http2Connection(front.https_port, ssl.create_default_context(cafile=str(certificate[0])),
-                                 authority, bearer(make_key("alice")))
+                                 authority, bearer(key))
     try:
         assert connection.protocol == "h2"
         created = connection.request("POST", "/api/conversations", b"{}", "application/json")
@@ -266,9 +268,14 @@ def test_over_http2_one_connection_carries_20_concurrent_streams(start_server, s
                                     "application/json") for n in range(events)]
         connection.until(lambda: all(connection.responses[p].ended for p in posts), 15, what="the posts answered")
         assert {connection.responses[p].status for p in posts} == {200}
-        connection.until(lambda: all(len(connection.responses[s].event_ids()) >= events for s in streams), 15,
-                         what=f"{events} events on every stream")
-        assert [connection.responses[s].event_ids() for s in streams] == [list(range(events))] * count
+        # And one of 200 KB (posted to gunicorn directly): 4 MB for the 20 streams, far past the
+        # 64 KiB a stream may carry before its client's first window update.
+        big = httpx.post(f"{server.base}/api/conversations/{cid}/events", headers=bearer(key), timeout=10,
+                         json={"type": "user_message", "content": "x" * 200_000})
+        assert big.status_code == 200, big.text
+        connection.until(lambda: all(len(connection.responses[s].event_ids()) > events for s in streams), 15,
+                         what=f"{events + 1} events on every stream")
+        assert [connection.responses[s].event_ids() for s in streams] == [list(range(events + 1))] * count
         assert not any(connection.responses[s].ended or connection.responses[s].reset for s in streams)
     finally:
         connection.close()
@@ -439,7 +446,10 @@ def test_a_request_nginx_refuses_itself_gets_a_json_400_or_431(start_server, sta
         connection.until(lambda: connection.responses[refused].ended or connection.responses[refused].reset
                          or connection.terminated, 15, what="nginx's answer over HTTP/2")
         response = connection.responses[refused]
-        if response.status is not None:
+        if response.status is None:
+            assert connection.terminated is not None, response
+            assert connection.terminated.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, connection.terminated
+        else:
             assert response.status in (400, 431) and response.headers["content-type"] == "application/json", response
             assert json.loads(response.body)["status"] == "error"
     finally:
