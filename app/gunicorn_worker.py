@@ -84,10 +84,33 @@ REQUEST_BYTES_ATTRIBUTE = {
 GUNICORN_HEADER_TEXTS = {"CONTENT-LENGTH", "TRANSFER-ENCODING", "bare LF as line terminator"}
 
 
+METHOD = re.compile(r"[A-Z]{1,20}")
+PRINTABLE_HEAD = re.compile(r"[!-~]*")  # printable ASCII, no space
+
+
+def redacted_request_line(text: str) -> str:
+    """A request line (or target) gunicorn refused, as its method and path; the rest shown as `...`.
+
+    The path only up to its query string, or to the first byte that is not printable ASCII: a
+    query string split off by a tab or a no-break space (latin-1 0xA0) is still a query string.
+    A line that does not start with a method is shown by its length alone: a client may send
+    anything as its request line, a key too.
+    """
+    if text == "bare LF as line terminator":  # gunicorn's own text
+        return text
+    method, space, target = text.partition(" ")
+    if not space and text.startswith("/"):
+        method, target = "", text
+    elif not METHOD.fullmatch(method):
+        return f"<{len(text)} characters, not shown>"
+    shown = " ".join(part for part in (method, PRINTABLE_HEAD.match(target).group().split("?", 1)[0]) if part)
+    return shown if len(shown) == len(text) else shown + " ..."
+
+
 def redacted(exc: BaseException) -> BaseException:
-    """The parse error with no request bytes in its text: no query string, no header line or value."""
+    """The parse error with no request bytes in its text but a method and path: no query string, no header."""
     if isinstance(exc, InvalidRequestLine) and isinstance(exc.req, str):
-        return InvalidRequestLine(re.sub(r"\?\S*", "?...", exc.req))  # ASCII: it is also the answer
+        return InvalidRequestLine(redacted_request_line(exc.req))  # ASCII: it is also the answer
     attribute = REQUEST_BYTES_ATTRIBUTE.get(type(exc))
     shown = getattr(exc, attribute, None) if attribute else None
     if attribute is None or shown in GUNICORN_HEADER_TEXTS:

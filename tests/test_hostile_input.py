@@ -187,8 +187,10 @@ def test_invalid_utf8_and_huge_heads_get_a_clear_4xx(server, api):
             + b"Connection: close\r\n\r\n"
 
     # Raw bytes that are not ASCII in the request line: gunicorn's 400.
+    # A query string split off by a no-break space (latin-1 0xA0) or a tab is still one.
     for target in (b"/api/conversations/\xff\xfe", b"/api/conversations?limit=\xff&key=ohk_secret_in_query",
-                   b"/api/sse/conversations/\xc3(/events"):
+                   b"/api/sse/conversations/\xc3(/events", b"/api/conversations?limit=1\xa0key=ohk_secret_in_query",
+                   b"/api/conversations?limit=1\tkey=ohk_secret_in_query"):
         status, headers, answer = exchange(port, get(target))
         assert_gunicorn_refusal(status, headers, answer, 400)
         assert "Invalid HTTP request line" in json.loads(answer)["message"] and b"ohk_secret" not in answer
@@ -473,12 +475,14 @@ def test_a_header_line_gunicorn_refuses_is_never_logged_nor_answered(server, mak
         "a folded line": f"{get}Authorization: Bearer\r\n {key}\r\n",
         "a control character in the value": f"{get}Authorization: Bearer {key}\x7f\r\n",
         "a key as the method": f"{key}! /api/conversations HTTP/1.1\r\nHost: x\r\n",
+        "a key as the request line": f"{key}\r\nHost: x\r\n",
+        "a key after a no-break space": f"GET /api/conversations\xa0{key} HTTP/1.1\r\nHost: x\r\n",
         "a key as the version": f"GET /api/conversations {key}\r\nHost: x\r\n",
         "a key as Expect": f"{get}Expect: {key}\r\n",
         "a key as the transfer coding": f"POST /api/conversations HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {key}\r\n",
     }
     for what, head in heads.items():
-        status, headers, body = exchange(server.port, (head + "\r\n").encode())
+        status, headers, body = exchange(server.port, (head + "\r\n").encode("latin-1"))
         assert status in (400, 417, 501), (what, status, body[:300])
         assert secret not in body, what
         codes = {**REFUSAL_CODES, 417: "expectation_failed", 501: "not_implemented"}
