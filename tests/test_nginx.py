@@ -405,10 +405,10 @@ def test_a_body_over_nginxs_limit_gets_a_json_413_from_nginx(start_server, start
     assert nginx_error(between, 413, "payload_too_large")["message"] != response.json()["message"]
 
 
-def tls_exchange(front: Nginx, cert: Path, data: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Raw bytes to nginx over TLS + HTTP/1.1; its (status, headers, body), read until it closes."""
-    raw = socket.create_connection(("127.0.0.1", front.https_port), timeout=10)
-    with tls_context(cert).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+def raw_exchange(port: int, data: bytes, context: ssl.SSLContext | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Raw bytes to nginx over HTTP/1.1 (over TLS with `context`); its (status, headers, body), read until it closes."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") if context else raw as sock:
         sock.sendall(data)
         received = b""
         while chunk := sock.recv(65536):
@@ -420,7 +420,7 @@ def tls_exchange(front: Nginx, cert: Path, data: bytes) -> tuple[int, dict[str, 
 
 
 @pytest.mark.timeout(60)
-def test_a_request_nginx_refuses_itself_gets_a_json_400_or_431(start_server, start_nginx, make_key, certificate):
+def test_a_request_nginx_refuses_itself_gets_a_json_error(start_server, start_nginx, make_key, certificate):
     front = start_nginx([start_server()])
     key = make_key("alice")
     get = f"GET /api/conversations HTTP/1.1\r\nHost: {front.base.removeprefix('https://')}\r\n"
@@ -431,11 +431,23 @@ def test_a_request_nginx_refuses_itself_gets_a_json_400_or_431(start_server, sta
         "a 64 KiB cookie beside the key": ((get + f"Authorization: Bearer {key}\r\nCookie: c={'b' * 65536}\r\n\r\n")
                                            .encode(), 431, "headers_too_large"),
     }
-    for what, (data, status, code) in refusals.items():
-        got, headers, body = tls_exchange(front, certificate[0], data)
+    context = tls_context(certificate[0])
+    cases = [(what, front.https_port, context, *case) for what, case in refusals.items()] + [
+        ("a 10 KB request line", front.https_port, context, f"GET /api/conversations?x={'a' * 10_000} HTTP/1.1\r\n"
+         f"Host: {front.base.removeprefix('https://')}\r\n\r\n".encode(), 414, "uri_too_long"),
+        ("plain http to the https port", front.https_port, None, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+         "bad_request"),
+        ("no Host header on port 80", front.http_port, None, refusals["no Host header"][0], 400, "bad_request"),
+        ("a 64 KiB header on port 80", front.http_port, None,
+         b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n", 431, "headers_too_large"),
+    ]
+    for what, port, tls, data, status, code in cases:
+        got, headers, body = raw_exchange(port, data, tls)
         assert (got, headers.get("content-type")) == (status, "application/json"), (what, got, body[:300])
         answer = json.loads(body)
         assert answer["status"] == "error" and answer["error"] == code and answer["message"], (what, answer)
+        # nginx's own answer (one of deploy/nginx.conf's), not gunicorn's: gunicorn never saw these.
+        assert answer["message"] in re.findall(r'"message":"([^"]+)"', SITE_TEMPLATE.read_text()), (what, answer)
         assert key.encode() not in body
     # Over HTTP/2 nginx 1.22 ends the whole connection for a head over the limit (GOAWAY,
     # ENHANCE_YOUR_CALM); an answer, if a later nginx sends one, must be the JSON one.
