@@ -16,9 +16,9 @@ from werkzeug.http import dump_cookie
 from . import cors
 from .config import secret_from_file
 from .errors import Forbidden, Unauthorized
-from .keys import COOKIE_GEN, cookie_generation
+from .key_store import KEY_PREFIX, hash_secret
+from .keys import COOKIE_GEN, api_key_key, cookie_generation
 from .lua import SIGN_OUT_LUA
-from .store import KEY_PREFIX, api_key_key, hash_secret
 
 COOKIE_NAME = "oh_session"
 SAFE_METHODS = frozenset(("GET", "HEAD", "OPTIONS"))

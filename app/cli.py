@@ -10,7 +10,8 @@ from flask.cli import with_appcontext
 
 from .auth import revoke_cookies, split_key
 from .config import redacted_url
-from .store import Store, hash_secret
+from .key_store import hash_secret
+from .store import Store
 from .validation import USER_ID
 
 

@@ -23,12 +23,11 @@ from . import metrics, replies, sse
 from .broker import Listener, wait_for
 from .cluster_listener import ClusterListener
 from .errors import redis_unavailable
-from .keys import COOKIE_GEN, cookie_generation
+from .keys import COOKIE_GEN, api_key_key, cookie_generation
 from .redis import is_cluster, make_dedicated_client
 from .store import (
     DELETED_NOTICE,
     Store,
-    api_key_key,
     conv_channel,
     conv_events_key,
     conv_meta_key,

@@ -27,9 +27,9 @@ from flask import current_app, request
 from . import metrics
 from .auth import SAFE_METHODS, Caller, authenticate_with, presented, refuse_cross_origin
 from .errors import Forbidden, TooManyRequests
+from .key_store import hash_secret
 from .keys import api_key_key
 from .lua import RATE_LIMIT_LUA
-from .store import hash_secret
 
 # kind -> (its setting, what it limits, for the 429's message)
 KINDS = {

@@ -6,7 +6,7 @@ import urllib.error
 import urllib.request
 
 from app.auth import KEY_ID_LEN
-from app.store import KEY_PREFIX
+from app.key_store import KEY_PREFIX
 
 from .conftest import Api
 from .servers import wait_until

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.auth import KEY_ID_LEN
-from app.store import KEY_PREFIX
+from app.key_store import KEY_PREFIX
 
 from .conftest import MADE_KEYS
 
